@@ -1,0 +1,67 @@
+"""`lazyxform inspect CKPT [--json]`: what the plan does to every module, without reading weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+
+from .checkpoint import open as open_checkpoint
+from .errors import LazyxformError
+from .plan import Plan
+
+NUMBERED = re.compile(r"\.(\d+)\.")
+
+
+def module_pattern(name: str) -> str:
+    return NUMBERED.sub(".*.", NUMBERED.sub(".*.", name))
+
+
+def plan_table(plan: Plan) -> str:
+    rows: dict[tuple[str, ...], int] = {}
+    for m in plan.modules:
+        folds = "; ".join(NUMBERED.sub(".*.", f) for f in m.folds) or "-"
+        key = (
+            module_pattern(m.name),
+            m.algo,
+            f"{m.scheme} ({m.target})",
+            f"{', '.join(m.inputs)} -> {', '.join(m.outputs)}",
+            module_pattern(folds),
+            "; ".join(m.warnings) or "-",
+        )
+        rows[key] = rows.get(key, 0) + 1
+    header = ("module", "algo", "target scheme", "tensors in -> out", "folds", "warnings")
+    table = [header] + [(f"{k[0]} (x{n})",) + k[1:] for k, n in rows.items()]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(f"{len(plan.modules)} quantized modules, {len(plan.groups)} tensor groups, {len(plan.passthrough)} tensors passed through unchanged")
+    if plan.runtime_pre_quant_scale:
+        lines.append(f"pre_quant_scale applied at run time for: {', '.join(plan.runtime_pre_quant_scale)}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lazyxform", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="show the rewrite plan of a ModelOpt checkpoint")
+    inspect.add_argument("checkpoint")
+    inspect.add_argument("--json", action="store_true", help="machine-readable plan and compressed-tensors config")
+    args = parser.parse_args(argv)
+    try:
+        ck = open_checkpoint(args.checkpoint, device="cpu")
+    except LazyxformError as e:
+        print(f"lazyxform: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"plan": ck.plan.to_json(), "quantization_config": ck.quantization_config}, indent=2))
+    else:
+        print(plan_table(ck.plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The plan: which tensors go in, which come out, and the small functions in between.
+
+A Rule maps a few named ModelOpt tensors to compressed-tensors tensors. Rules that read a
+common tensor are coalesced into one Group, so every checkpoint tensor belongs to at most one
+group and a group is the unit the stream holds in memory and executes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .shards import TensorInfo
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Rule:
+    label: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    fn: Callable[[Tensors], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Group:
+    rules: list[Rule]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n for r in self.rules for n in r.inputs))
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(n for r in self.rules for n in r.outputs)
+
+    def run(self, tensors: Tensors) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for rule in self.rules:
+            produced = rule.fn({n: tensors[n] for n in rule.inputs})
+            assert tuple(produced) == rule.outputs, (rule.label, tuple(produced), rule.outputs)
+            out.update(produced)
+        return out
+
+
+@dataclass
+class ModulePlan:
+    """What happens to one quantized Linear (or expert projection)."""
+
+    name: str
+    algo: str
+    scheme: str
+    target: str
+    inputs: list[str]
+    outputs: list[str]
+    folds: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    modules: list[ModulePlan]
+    groups: list[Group]
+    passthrough: list[str]
+    runtime_pre_quant_scale: list[str]
+    tensors: dict[str, TensorInfo]
+    warnings: list[str] = field(default_factory=list)
+
+    def group_of(self) -> dict[str, Group]:
+        return {name: g for g in self.groups for name in g.inputs}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "modules": [vars(m) for m in self.modules],
+            "runtime_pre_quant_scale": self.runtime_pre_quant_scale,
+            "passthrough": self.passthrough,
+            "groups": [{"inputs": list(g.inputs), "outputs": list(g.outputs), "rules": [r.label for r in g.rules]} for g in self.groups],
+            "warnings": self.warnings,
+        }
+
+
+def coalesce(rules: list[Rule]) -> list[Group]:
+    """Union rules that share an input into groups, keeping first-seen order."""
+    owner: dict[str, int] = {}
+    parent: list[int] = list(range(len(rules)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, rule in enumerate(rules):
+        for name in rule.inputs:
+            if name in owner:
+                parent[find(i)] = find(owner[name])
+            else:
+                owner[name] = i
+    groups: dict[int, Group] = {}
+    for i, rule in enumerate(rules):
+        groups.setdefault(find(i), Group([])).rules.append(rule)
+    result = list(groups.values())
+    seen: set[str] = set()
+    for g in result:
+        for name in g.outputs:
+            assert name not in seen, f"two rules produce {name}"
+            seen.add(name)
+    return result

@@ -1,0 +1,150 @@
+"""AWQ / SmoothQuant `pre_quant_scale`: y = (x * pqs) @ W^T.
+
+Folded only where the arithmetic is exact up to one rounding of a scale:
+- into the RMSNorm weight that feeds exactly the modules sharing that pqs (norm(x) * g * pqs);
+- into the per-row scales of the linear whose output rows ARE this module's input
+  (up_proj -> down_proj, w3 -> w2; v_proj -> o_proj only when every query head has its own KV
+  head and the KV cache is not quantized, since a per-tensor v_scale cannot absorb row factors).
+Everything else keeps `<module>.pre_quant_scale` for the engine to apply at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import TensorMismatchError
+from .plan import Rule, Tensors
+from .recipes.base import Module, Recipe, check_equal, check_scale
+from .shards import TensorInfo
+
+# Pre-norm decoders whose input_layernorm feeds only q/k/v and whose post-attention norm feeds
+# only the MLP (gated: down_proj's input is act(gate) * up, linear in up's rows).
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"}
+NORM_CONSUMERS = {
+    "input_layernorm": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "post_attention_layernorm": ("mlp", ("gate_proj", "up_proj")),
+}
+MLP_LEAVES = {"gate_proj", "up_proj", "down_proj"}
+ROW_PRODUCER = {"down_proj": "up_proj", "w2": "w3", "o_proj": "v_proj"}
+PQS = "pre_quant_scale"
+
+
+@dataclass
+class PreQuantPlan:
+    rules: list[Rule] = field(default_factory=list)
+    row_factors: dict[str, str] = field(default_factory=dict)  # producer module -> pqs tensor name
+    runtime: list[str] = field(default_factory=list)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+
+def plan_pre_quant(
+    modules: dict[str, tuple[Module, Recipe]],
+    tensors: dict[str, TensorInfo],
+    hf_config: dict[str, Any],
+    kv_algo: str | None,
+) -> PreQuantPlan:
+    plan = PreQuantPlan()
+    with_pqs = {name: m for name, (m, recipe) in modules.items() if PQS in m.tensors}
+    for name, m in with_pqs.items():
+        _, inp = modules[name][1].weight_shape(m)
+        info = m.info(PQS)
+        if info.dtype not in (torch.bfloat16, torch.float16, torch.float32) or info.shape != (inp,):
+            raise TensorMismatchError(f"{info.describe()}: expected a float [{inp}] vector")
+    llama_like = hf_config.get("model_type") in LLAMA_LIKE
+    done: set[str] = set()
+    if llama_like:
+        _fold_into_norms(plan, with_pqs, tensors, done)
+        _fold_into_rows(plan, modules, with_pqs, tensors, hf_config, kv_algo, done)
+    for name, m in with_pqs.items():
+        if name not in done:
+            plan.runtime.append(name)
+            plan.rules.append(_kept(m.key(PQS)))
+            plan.notes.setdefault(name, []).append("pre_quant_scale kept (engine scales the input)")
+    return plan
+
+
+def _kept(name: str) -> Rule:
+    def fn(t: Tensors) -> dict[str, torch.Tensor]:
+        check_scale(name, t[name])
+        return {name: t[name]}
+
+    return Rule("pre_quant_scale: kept, applied at run time", (name,), (name,), fn)
+
+
+def _fold_into_norms(plan: PreQuantPlan, with_pqs: dict[str, Module], tensors: dict[str, TensorInfo], done: set[str]) -> None:
+    layers = {name.rsplit(".", 2)[0] for name in with_pqs if name.count(".") >= 2}
+    for layer in sorted(layers):
+        for norm, (parent, leaves) in NORM_CONSUMERS.items():
+            consumers = [f"{layer}.{parent}.{leaf}" for leaf in leaves]
+            norm_w = f"{layer}.{norm}.weight"
+            if not all(c in with_pqs for c in consumers) or norm_w not in tensors:
+                continue
+            if parent == "mlp" and _mlp_has_other_consumers(layer, tensors):
+                continue
+            size = with_pqs[consumers[0]].info(PQS).shape[0]
+            if tensors[norm_w].shape != (size,):
+                continue
+            pqs = [with_pqs[c].key(PQS) for c in consumers]
+            plan.rules.append(Rule(f"{norm}.weight x shared pre_quant_scale", (norm_w, *pqs), (norm_w,), _norm_fold(norm_w, pqs)))
+            for c in consumers:
+                done.add(c)
+                plan.notes.setdefault(c, []).append(f"pre_quant_scale folded into {norm_w}")
+
+
+def _mlp_has_other_consumers(layer: str, tensors: dict[str, TensorInfo]) -> bool:
+    """A router or shared expert under `mlp.` also reads the post-attention norm: no fold."""
+    prefix = f"{layer}.mlp."
+    return any(n.startswith(prefix) and n[len(prefix):].split(".", 1)[0] not in MLP_LEAVES for n in tensors)
+
+
+def _norm_fold(norm_w: str, pqs: list[str]) -> Any:
+    def fn(t: Tensors) -> dict[str, torch.Tensor]:
+        for n in pqs:
+            check_scale(n, t[n])
+        shared = check_equal(pqs, t, f"pre_quant_scale of the modules fed by {norm_w}")
+        g = t[norm_w]
+        return {norm_w: (g.float() * shared.float()).to(g.dtype)}
+
+    return fn
+
+
+def _fold_into_rows(
+    plan: PreQuantPlan,
+    modules: dict[str, tuple[Module, Recipe]],
+    with_pqs: dict[str, Module],
+    tensors: dict[str, TensorInfo],
+    hf_config: dict[str, Any],
+    kv_algo: str | None,
+    done: set[str],
+) -> None:
+    heads, kv_heads = hf_config.get("num_attention_heads"), hf_config.get("num_key_value_heads")
+    mha = heads is not None and heads == (kv_heads or heads)
+    for name, m in with_pqs.items():
+        parent, leaf = name.rsplit(".", 1)
+        if leaf not in ROW_PRODUCER or (leaf == "o_proj" and (not mha or kv_algo is not None)):
+            continue
+        producer = f"{parent}.{ROW_PRODUCER[leaf]}"
+        if producer not in modules:
+            continue
+        pm, precipe = modules[producer]
+        if not precipe.row_scalable or precipe.weight_shape(pm)[0] != m.info(PQS).shape[0]:
+            continue
+        factor = m.key(PQS)
+        plan.row_factors[producer] = factor
+        bias = f"{producer}.bias"
+        if bias in tensors:
+            plan.rules.append(Rule(f"bias x {factor}", (bias, factor), (bias,), _bias_fold(bias, factor)))
+        done.add(name)
+        plan.notes.setdefault(name, []).append(f"pre_quant_scale folded into the output rows of {producer}")
+        plan.notes.setdefault(producer, []).append(f"row scales absorb {factor}")
+
+
+def _bias_fold(bias: str, factor: str) -> Any:
+    def fn(t: Tensors) -> dict[str, torch.Tensor]:
+        b = t[bias]
+        return {bias: (b.float() * t[factor].float()).to(b.dtype)}
+
+    return fn

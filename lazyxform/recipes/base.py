@@ -1,0 +1,153 @@
+"""What every recipe shares: the module it works on, header checks, scale checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+
+from ..errors import BadScaleError, InconsistentScalesError, MissingTensorError, TensorMismatchError
+from ..modelopt import AlgoConfig
+from ..plan import Rule, Tensors
+from ..shards import TensorInfo
+
+
+@dataclass
+class Module:
+    """One quantized Linear as the checkpoint stores it: `tensors` maps suffix -> header entry."""
+
+    name: str
+    cfg: AlgoConfig
+    tensors: dict[str, TensorInfo]
+    model_dtype: torch.dtype
+
+    def key(self, suffix: str) -> str:
+        return f"{self.name}.{suffix}"
+
+    def info(self, suffix: str) -> TensorInfo:
+        info = self.tensors.get(suffix)
+        if info is None:
+            raise MissingTensorError(
+                f"{self.cfg.algo} module {self.name} has no {suffix!r} tensor "
+                f"(found: {sorted(self.tensors)})"
+            )
+        return info
+
+
+@dataclass(frozen=True)
+class Target:
+    """The compressed-tensors scheme a recipe produces (targets are filled in by the config builder)."""
+
+    weights: QuantizationArgs
+    input_activations: QuantizationArgs | None
+    format: str
+
+
+class Recipe:
+    """One ModelOpt number format -> one compressed-tensors scheme, plus the tensor rules."""
+
+    algos: ClassVar[tuple[str, ...]] = ()
+    # Suffixes the per-module rules read; input_scale is handled across fused siblings.
+    consumes: ClassVar[tuple[str, ...]] = ("weight", "weight_scale")
+    has_input_scale: ClassVar[bool] = False
+    # True when per-output-row scales can absorb a factor exactly (pre_quant_scale row folds).
+    row_scalable: ClassVar[bool] = False
+
+    def target(self, cfg: AlgoConfig) -> Target:
+        raise NotImplementedError
+
+    def weight_shape(self, m: Module) -> tuple[int, int]:
+        """The dense [out, in] shape; recipes with packed weights derive it differently."""
+        shape = m.info("weight").shape
+        if len(shape) != 2:
+            raise TensorMismatchError(f"{m.info('weight').describe()}: expected a 2-D weight")
+        return shape  # type: ignore[return-value]
+
+    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+        """Rules for the module's own tensors; `row_factor` names a [out] tensor to multiply into row scales."""
+        raise NotImplementedError
+
+    def input_scale_rule(self, members: Sequence[Module]) -> Rule:
+        """Fused siblings (q/k/v, gate/up) share one activation scale in the engine: merge to the max,
+        as vLLM does natively; ModelOpt exports them equal because the siblings see the same input."""
+        names = tuple(m.key("input_scale") for m in members)
+        for m in members:
+            expect(m.info("input_scale"), (torch.float32,), ())
+
+        def merge(t: Tensors) -> dict[str, torch.Tensor]:
+            for n in names:
+                check_scale(n, t[n])
+            merged = torch.stack([t[n].float().reshape(()) for n in names]).amax().reshape(1)
+            return {n: merged.clone() for n in names}
+
+        return Rule("input_scale: 0-d -> [1], fused siblings -> max", names, names, merge)
+
+
+def expect(info: TensorInfo, dtypes: Sequence[torch.dtype], shape: Sequence[int]) -> None:
+    """Header check: dtype in `dtypes` and exact shape; the error names file, tensor, expected and found."""
+    if info.dtype not in dtypes or tuple(info.shape) != tuple(shape):
+        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TensorMismatchError(f"{info.describe()}: expected {want} {list(shape)}")
+
+
+def check_scale(name: str, t: torch.Tensor) -> None:
+    """Scales must be finite and > 0: a zero or NaN scale would silently zero or poison the layer."""
+    bad = ~torch.isfinite(t.float()) | (t.float() <= 0)
+    if bool(bad.any()):
+        idx = [int(i) for i in bad.nonzero()[0]] if t.dim() else []
+        value = float(t.float()[tuple(idx)]) if t.dim() else float(t.float())
+        raise BadScaleError(
+            f"{name}: {int(bad.sum())} of {t.numel()} scale values are NaN, Inf, zero or negative "
+            f"(first at index {idx}: {value})"
+        )
+
+
+def check_equal(names: Sequence[str], t: Tensors, what: str) -> torch.Tensor:
+    first = t[names[0]]
+    for n in names[1:]:
+        if not torch.equal(t[n], first):
+            raise InconsistentScalesError(
+                f"{what}: {names[0]} and {n} differ (max abs diff "
+                f"{float((t[n].float() - first.float()).abs().max()):.3g}); they must be identical"
+            )
+    return first
+
+
+def row_scaled(scale: torch.Tensor, row_factor: torch.Tensor | None) -> torch.Tensor:
+    """Multiply per-row scales [out, ...] by a per-row factor [out], in fp32."""
+    if row_factor is None:
+        return scale
+    factor = row_factor.float().reshape(-1, *([1] * (scale.dim() - 1)))
+    return (scale.float() * factor).to(scale.dtype)
+
+
+def passthrough(name: str) -> Rule:
+    return Rule("unchanged", (name,), (name,), lambda t: {name: t[name]})
+
+
+def scale_rule(
+    label: str,
+    src: str,
+    dst: str,
+    layout: Callable[[torch.Tensor], torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    row_factor: str | None = None,
+) -> Rule:
+    """A checked scale, re-laid out; an optional per-row factor is multiplied in fp32 before the one
+    rounding into `dtype`."""
+    inputs = (src,) if row_factor is None else (src, row_factor)
+
+    def fn(t: Tensors) -> dict[str, torch.Tensor]:
+        check_scale(src, t[src])
+        factor = None
+        if row_factor is not None:
+            check_scale(row_factor, t[row_factor])
+            factor = t[row_factor]
+        return {dst: row_scaled(layout(t[src].float()), factor).to(dtype)}
+
+    if row_factor is not None:
+        label += f", rows x {row_factor}"
+    return Rule(label, inputs, (dst,), fn)
