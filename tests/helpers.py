@@ -34,3 +34,30 @@ def edit_json(path: Path, edit) -> None:
 
 def tensors_of(name: str) -> dict[str, torch.Tensor]:
     return load_tensors(FIXTURES / name)
+
+
+def shard_checkpoint(ckpt: Path, n_shards: int) -> None:
+    """Re-save as HF-style shards with an index; tensors dealt round-robin, so a weight and its
+    scales land in different shards."""
+    tensors = load_tensors(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    weight_map = {}
+    for i in range(n_shards):
+        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {k: v.contiguous() for j, (k, v) in enumerate(sorted(tensors.items())) if j % n_shards == i}
+        save_file(part, str(ckpt / shard))
+        weight_map.update(dict.fromkeys(part, shard))
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def rename_tensors(ckpt: Path, renames: list[tuple[str, str]]) -> None:
+    """Apply (old substring, new substring) renames to every tensor name."""
+
+    def edit(t):
+        for k in list(t):
+            new = k
+            for old, repl in renames:
+                new = new.replace(old, repl)
+            t[new] = t.pop(k)
+
+    rewrite_tensors(ckpt, edit)

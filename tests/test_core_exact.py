@@ -141,3 +141,27 @@ def assert_within_map(got: torch.Tensor, want: torch.Tensor, x_abs: torch.Tensor
     # |sum_k x_k (g_k p_k)(1+e_k) w_jk - sum_k x_k g_k p_k w_jk| <= 2^-8 * sum_k |x_k g_k p_k w_jk|, plus fp32 noise.
     bound = NORM_FOLD_BOUND * (x_abs @ w.abs().T) + 1e-5 * want.abs().max()
     assert ((got - want).abs() <= bound).all(), f"{what}: effective map off by {(got - want).abs().max()}"
+
+
+def test_mixtral_naming_streams_like_qwen3_moe(tmp_path):
+    """Mixtral exports name experts block_sparse_moe.experts.{e}.w1|w2|w3 (gate, down, up) and the
+    router block_sparse_moe.gate; the same tensors must come out under those names."""
+    from helpers import copy_fixture, edit_json, rename_tensors
+
+    renames = [(".mlp.experts.", ".block_sparse_moe.experts."), (".gate_proj.", ".w1."), (".down_proj.", ".w2."), (".up_proj.", ".w3."), (".mlp.gate.", ".block_sparse_moe.gate.")]
+    ckpt = copy_fixture("qwen3moe_fp8", tmp_path)
+    rename_tensors(ckpt, renames)
+    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"].update(exclude_modules=["lm_head", "model.embed_tokens", "model.layers.*.block_sparse_moe.gate"]))
+    edit_json(ckpt / "config.json", lambda c: c["quantization_config"].update(ignore=["lm_head", "model.embed_tokens", "model.layers.*.block_sparse_moe.gate"]))
+    qwen = dict(lazyxform.open(FIXTURES / "qwen3moe_fp8", device="cpu"))
+    ck = lazyxform.open(ckpt, device="cpu")
+    mixtral = dict(ck)
+    assert len(mixtral) == len(qwen)
+    for name, tensor in qwen.items():
+        new = name
+        for old, repl in renames:
+            new = new.replace(old, repl)
+        assert torch.equal(mixtral[new], tensor), new
+    merged = [g for g in ck.plan.groups if any(n.endswith(".w1.input_scale") for n in g.inputs)]
+    assert merged and all(any(n.endswith(".w3.input_scale") for n in g.inputs) for g in merged)
+    assert r"re:model\.layers\..*\.block_sparse_moe\.gate" in ck.quantization_config["ignore"]

@@ -20,6 +20,7 @@ def test_pack_int32_cols_unpacks_with_compressed_tensors(shape, bits, seed):
     q = torch.randint(lo, hi + 1, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
     packed = pack_int32_cols(q, bits)
     assert packed.dtype == torch.int32 and packed.shape == (shape[0], -(-shape[1] * bits // 32))
+    assert packed.is_contiguous() and packed.stride(-1) == 1  # engines reinterpret it with .view()
     assert torch.equal(unpack_from_int32(packed, bits, torch.Size(shape)), q)
 
 

@@ -70,3 +70,16 @@ def test_wrap_rejects_a_tensor_that_contradicts_the_header():
     bad = [("model.layers.0.mlp.up_proj.weight_scale", torch.ones(3))]
     with pytest.raises(lazyxform.TensorMismatchError, match=r"float32 \[3\].*model\.safetensors"):
         list(ck.wrap(bad))
+
+
+def test_sharded_checkpoint_streams_like_the_single_file(tmp_path):
+    from helpers import copy_fixture, shard_checkpoint
+
+    ckpt = copy_fixture("int8_sq", tmp_path)
+    single = dict(lazyxform.open(ckpt, device="cpu"))
+    shard_checkpoint(ckpt, 3)
+    ck = lazyxform.open(ckpt, device="cpu")
+    assert len({i.file.name for i in ck.plan.tensors.values()}) == 3
+    sharded = dict(ck)
+    assert sharded.keys() == single.keys()
+    assert all(torch.equal(sharded[k], single[k]) for k in single)

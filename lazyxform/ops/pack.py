@@ -16,7 +16,7 @@ def pack_int32_cols(q: torch.Tensor, bits: int) -> torch.Tensor:
     if words * per_word != cols:
         u = torch.nn.functional.pad(u, (0, words * per_word - cols))
     u = u.reshape(*q.shape[:-1], words, per_word)
-    packed = u[..., 0].clone()
+    packed = u[..., 0].clone(memory_format=torch.contiguous_format)
     for i in range(1, per_word):
         packed |= u[..., i] << (bits * i)
     return packed
