@@ -35,7 +35,7 @@ def plan_table(plan: Plan) -> str:
     header = ("module", "algo", "target scheme", "tensors in -> out", "folds", "warnings")
     table = [header] + [(f"{k[0]} (x{n})",) + k[1:] for k, n in rows.items()]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
     lines.append(f"{len(plan.modules)} quantized modules, {len(plan.groups)} tensor groups, {len(plan.passthrough)} tensors passed through unchanged")

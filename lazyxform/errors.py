@@ -45,3 +45,7 @@ class BadScaleError(LazyxformError):
 
 class InconsistentScalesError(LazyxformError):
     """Scales that must agree (fused q/k/v, shared pre_quant_scale) do not."""
+
+
+class LazyxformWarning(UserWarning):
+    """Something was loaded faithfully to what the engine would do natively, but a user should know."""

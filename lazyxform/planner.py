@@ -98,7 +98,7 @@ def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtyp
 def _fused_input_scale_sets(modules: dict[str, tuple[Module, Recipe]]) -> list[list[tuple[Module, Recipe]]]:
     sets: list[list[tuple[Module, Recipe]]] = []
     seen: set[str] = set()
-    for name, (m, recipe) in modules.items():
+    for name, (_, recipe) in modules.items():
         if not recipe.has_input_scale or name in seen:
             continue
         parent, leaf = name.rsplit(".", 1)

@@ -84,3 +84,11 @@ def test_fused_set_with_a_member_missing(tmp_path):
     rewrite_tensors(ckpt, lambda t: [t.pop(k) for k in list(t) if k.startswith("model.layers.0.self_attn.v_proj.")])
     with pytest.raises(lazyxform.MissingTensorError, match=r"fused set .*v_proj'\] missing"):
         lazyxform.open(ckpt, device="cpu")
+
+
+def test_differing_fused_activation_scales_merge_to_max_with_a_warning(tmp_path):
+    ckpt = copy_fixture("fp8", tmp_path)
+    rewrite_tensors(ckpt, lambda t: t.update({"model.layers.0.self_attn.k_proj.input_scale": t["model.layers.0.self_attn.k_proj.input_scale"] * 2}))
+    with pytest.warns(lazyxform.LazyxformWarning, match=r"fused .*q_proj\.input_scale.*k_proj\.input_scale.*using their max"):
+        out = dict(lazyxform.open(ckpt, device="cpu"))
+    assert out["model.layers.0.self_attn.q_proj.input_scale"].item() == out["model.layers.0.self_attn.k_proj.input_scale"].item()

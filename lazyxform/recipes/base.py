@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -9,7 +10,7 @@ from typing import ClassVar
 import torch
 from compressed_tensors.quantization import QuantizationArgs
 
-from ..errors import BadScaleError, InconsistentScalesError, MissingTensorError, TensorMismatchError
+from ..errors import BadScaleError, InconsistentScalesError, LazyxformWarning, MissingTensorError, TensorMismatchError
 from ..modelopt import AlgoConfig
 from ..plan import Rule, Tensors
 from ..shards import TensorInfo
@@ -80,7 +81,15 @@ class Recipe:
         def merge(t: Tensors) -> dict[str, torch.Tensor]:
             for n in names:
                 check_scale(n, t[n])
-            merged = torch.stack([t[n].float().reshape(()) for n in names]).amax().reshape(1)
+            values = torch.stack([t[n].float().reshape(()) for n in names])
+            merged = values.amax().reshape(1)
+            if not bool((values == merged).all()):
+                warnings.warn(
+                    f"activation scales of fused {', '.join(names)} differ ({values.tolist()}); using their max, "
+                    "as vLLM does for a fused layer",
+                    LazyxformWarning,
+                    stacklevel=2,
+                )
             return {n: merged.clone() for n in names}
 
         return Rule("input_scale: 0-d -> [1], fused siblings -> max", names, names, merge)
