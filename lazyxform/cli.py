@@ -1,4 +1,5 @@
-"""`lazyxform inspect CKPT [--json]`: what the plan does to every module, without reading weights."""
+"""`lazyxform inspect CKPT [--json]`: what the plan does to every module, without reading weights.
+`lazyxform profile CKPT [--device cuda]`: load it and report where the time and memory go."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .checkpoint import open as open_checkpoint
 from .errors import LazyxformError
 from .plan import Plan
+from .profile import Profiler, checkpoint_bytes
 
 NUMBERED = re.compile(r"\.(\d+)\.")
 
@@ -50,8 +53,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect = sub.add_parser("inspect", help="show the rewrite plan of a ModelOpt checkpoint")
     inspect.add_argument("checkpoint")
     inspect.add_argument("--json", action="store_true", help="machine-readable plan and compressed-tensors config")
+    profile = sub.add_parser("profile", help="load a checkpoint; time, bytes and GB/s per stage, peak memory")
+    profile.add_argument("checkpoint")
+    profile.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    profile.add_argument("--out", help="directory for the table, JSON, Chrome trace and PNG (default: ./lazyxform-profile-<name>)")
+    profile.add_argument("--staging-mib", type=int, help="pinned staging memory of a GPU load, MiB (default 256)")
+    profile.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
+        if args.command == "profile":
+            return profile_load(args)
         ck = open_checkpoint(args.checkpoint, device="cpu")
     except LazyxformError as e:
         print(f"lazyxform: {type(e).__name__}: {e}", file=sys.stderr)
@@ -60,6 +71,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"plan": ck.plan.to_json(), "quantization_config": ck.quantization_config}, indent=2))
     else:
         print(plan_table(ck.plan))
+    return 0
+
+
+def profile_load(args: argparse.Namespace) -> int:
+    staging = args.staging_mib << 20 if args.staging_mib else None
+    ck = open_checkpoint(args.checkpoint, device=args.device, staging_bytes=staging)
+    prof = Profiler(ck.device, checkpoint_bytes(ck), progress=not args.no_progress, label=ck.path.name)
+    for _pair in prof.iterate(ck):
+        pass
+    report = prof.finish()
+    written = report.write(Path(args.out or f"lazyxform-profile-{ck.path.name}"), "profile")
+    print(report.table())
+    print(f"written: {', '.join(map(str, written))}")
+    if not any(p.suffix == ".png" for p in written):
+        print("no PNG: matplotlib is not installed (pip install 'lazyxform[profile]')")
     return 0
 
 

@@ -24,7 +24,7 @@ class CorruptSafetensorsError(LazyxformError):
 
 
 class UnsafePathError(LazyxformError):
-    """An index names a shard outside the checkpoint directory."""
+    """A checkpoint file (a shard an index names, a config) resolves outside the checkpoint directory."""
 
 
 class MissingTensorError(LazyxformError):

@@ -8,15 +8,23 @@ The nested form is preferred: only it carries group_size and has_zero_point for 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, NotAModelOptCheckpoint
+from .shards import checkpoint_file, load_json_file
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
+# The config.json fields lazyxform reads, with the types its planning relies on.
+HF_FIELD_TYPES: dict[str, type] = {
+    "model_type": str,
+    "dtype": str,
+    "torch_dtype": str,
+    "num_attention_heads": int,
+    "num_key_value_heads": int,
+}
 
 # ModelOpt leaks internal lower-case names (`fp8_pb_wo`, `mxfp4`); canonical names are upper-case.
 # Early block-FP8 exports used FP8_BLOCK_SCALES for the FP8_PB_WO layout.
@@ -84,7 +92,7 @@ def is_modelopt_checkpoint(directory: str | Path) -> bool:
     directory = Path(directory)
     if (directory / HF_QUANT_CONFIG).is_file():
         return True
-    qc = _load_json(directory / "config.json", optional=True).get("quantization_config")
+    qc = (_load_json(directory, "config.json") or {}).get("quantization_config")
     return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "modelopt"
 
 
@@ -93,10 +101,11 @@ def read_modelopt_config(directory: str | Path) -> tuple[ModelOptConfig, dict[st
     directory = Path(directory)
     if not directory.is_dir():
         raise NotAModelOptCheckpoint(f"{directory}: not a directory")
-    hf_config = _load_json(directory / "config.json", optional=True)
+    hf_config = _load_json(directory, "config.json") or {}
+    _check_field_types(directory / "config.json", hf_config)
     flat = hf_config.get("quantization_config")
     nested_path = directory / HF_QUANT_CONFIG
-    nested = _load_json(nested_path, optional=True) if nested_path.exists() else None
+    nested = _load_json(directory, HF_QUANT_CONFIG)
 
     flat_ok = isinstance(flat, dict) and str(flat.get("quant_method", "")).lower() == "modelopt"
     if nested is None and not flat_ok:
@@ -172,15 +181,13 @@ def _kv_algo_from_scheme(path: Path, scheme: object) -> str | None:
     raise ConfigError(f"{path}: unrecognised kv_cache_scheme {scheme!r}")
 
 
-def _load_json(path: Path, optional: bool) -> dict[str, Any]:
-    if not path.exists():
-        if optional:
-            return {}
-        raise NotAModelOptCheckpoint(f"{path}: missing")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+def _load_json(directory: Path, name: str) -> dict[str, Any] | None:
+    path = checkpoint_file(directory, name)
+    return None if path is None else load_json_file(path, ConfigError)
+
+
+def _check_field_types(path: Path, hf_config: dict[str, Any]) -> None:
+    for key, kind in HF_FIELD_TYPES.items():
+        value = hf_config.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value <= 0)):
+            raise ConfigError(f"{path}: {key} must be a {'positive ' if kind is int else ''}{kind.__name__}, got {value!r}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-from .errors import ConfigError, MissingTensorError, UnexpectedTensorError
+from .errors import ConfigError, LazyxformWarning, MissingTensorError, UnexpectedTensorError
+from .fallback import Fallback, plan_dense_fallback
 from .modelopt import ModelOptConfig, fnmatch_regex_source
 from .plan import ModulePlan, Plan, Rule, coalesce
 from .prequant import PQS, plan_pre_quant
@@ -17,10 +19,12 @@ from .shards import TensorInfo
 
 # Suffixes ModelOpt writes next to a quantized Linear's weight.
 MODULE_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale", PQS, "bias")
-# Fused in the engine (one GEMM): their activation scales must agree.
+# Fused in the engine (one GEMM): their per-tensor scales must agree.
 FUSED_LEAVES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 MODEL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Weight dtypes that hold quantized codes: meaningless without a scale.
+CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8)
 
 
 def model_dtype(hf_config: dict[str, Any]) -> torch.dtype:
@@ -28,16 +32,20 @@ def model_dtype(hf_config: dict[str, Any]) -> torch.dtype:
     return MODEL_DTYPES.get(str(name), torch.bfloat16)
 
 
-def build_plan(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], hf_config: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
+def build_plan(
+    cfg: ModelOptConfig, tensors: dict[str, TensorInfo], hf_config: dict[str, Any], fallback: Fallback = "dequantize"
+) -> tuple[Plan, dict[str, Any]]:
     dtype = model_dtype(hf_config)
     modules = _quantized_modules(cfg, tensors, dtype)
+    dense = plan_dense_fallback(modules, fallback, dtype)
+    modules = {name: mr for name, mr in modules.items() if name not in dense.modules}
     pre = plan_pre_quant(modules, tensors, hf_config, cfg.kv_cache_algo)
 
-    rules: list[Rule] = list(pre.rules)
+    rules: list[Rule] = list(pre.rules) + dense.rules
     for name, (m, recipe) in modules.items():
         rules += recipe.rules(m, pre.row_factors.get(name))
-    for members in _fused_input_scale_sets(modules):
-        rules.append(members[0][1].input_scale_rule([m for m, _ in members]))
+    for members in _fused_scale_sets(modules):
+        rules += members[0][1].fused_rules([m for m, _ in members])
     kv_rules = kv_scale_rules(tensors)
     if kv_rules and cfg.kv_cache_algo is None:
         raise ConfigError(f"{cfg.source}: tensors such as {kv_rules[0].inputs[0]} are KV-cache scales but the config has no kv_cache_quant_algo")
@@ -60,13 +68,16 @@ def build_plan(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], hf_config: d
         for name, (m, recipe) in modules.items()
     ]
     plan = Plan(
-        modules=module_plans,
+        modules=sorted(module_plans + dense.module_plans(), key=lambda p: p.name),
         groups=groups,
         passthrough=[n for n in tensors if n not in consumed],
         runtime_pre_quant_scale=pre.runtime,
         tensors=tensors,
     )
-    qc = _compressed_tensors_config(cfg, modules, targets, group_names, tensors)
+    if dense.warning:
+        plan.warnings.append(dense.warning)
+        warnings.warn(dense.warning, LazyxformWarning, stacklevel=4)  # the caller of lazyxform.open
+    qc = _compressed_tensors_config(cfg, modules, targets, group_names, tensors, sorted(dense.modules))
     return plan, qc
 
 
@@ -92,18 +103,22 @@ def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtyp
         for suffix in recipe.consumes + (("input_scale",) if recipe.has_input_scale else ()):
             m.info(suffix)
         modules[name] = (m, recipe)
+    for n, info in tensors.items():
+        if n.endswith(".weight") and n.removesuffix(".weight") not in modules and info.dtype in CODE_DTYPES:
+            # Passed through, the engine would cast the codes to the model dtype: silently wrong.
+            raise MissingTensorError(f"{info.describe()}: quantized codes with no {n.removesuffix('.weight')}.weight_scale")
     return modules
 
 
-def _fused_input_scale_sets(modules: dict[str, tuple[Module, Recipe]]) -> list[list[tuple[Module, Recipe]]]:
+def _fused_scale_sets(modules: dict[str, tuple[Module, Recipe]]) -> list[list[tuple[Module, Recipe]]]:
     sets: list[list[tuple[Module, Recipe]]] = []
     seen: set[str] = set()
     for name, (_, recipe) in modules.items():
-        if not recipe.has_input_scale or name in seen:
+        if not recipe.shares_fused_scales or name in seen:
             continue
-        parent, leaf = name.rsplit(".", 1)
+        parent, dot, leaf = name.rpartition(".")  # a top-level module has no parent
         family = next((f for f in FUSED_LEAVES if leaf in f), (leaf,))
-        siblings = [f"{parent}.{x}" for x in family]
+        siblings = [f"{parent}{dot}{x}" for x in family]
         present = [s for s in siblings if s in modules]
         if len(present) != len(siblings):
             missing = sorted(set(siblings) - set(present))
@@ -118,7 +133,7 @@ def _fused_input_scale_sets(modules: dict[str, tuple[Module, Recipe]]) -> list[l
 
 def describe_target(t: Target) -> str:
     def args(a: Any) -> str:
-        detail = {"group": f" g{a.group_size}", "block": f" {a.block_structure}"}.get(a.strategy, "")
+        detail = {"group": f" g{a.group_size}", "tensor_group": f" g{a.group_size}", "block": f" {a.block_structure}"}.get(a.strategy, "")
         return f"{a.type}{a.num_bits} {a.strategy}{detail}{' dynamic' if a.dynamic else ''}"
 
     acts = args(t.input_activations) if t.input_activations else "none"
@@ -140,6 +155,7 @@ def _compressed_tensors_config(
     targets: dict[str, Target],
     group_names: dict[str, str],
     tensors: dict[str, TensorInfo],
+    dequantized: list[str],
 ) -> dict[str, Any]:
     members: dict[str, list[str]] = {}
     for module, group in group_names.items():
@@ -154,12 +170,14 @@ def _compressed_tensors_config(
             input_activations=t.input_activations,
             format=t.format,
         )
-    formats = {targets[n[0]].format for n in members.values()}
+    formats = sorted({targets[n[0]].format for n in members.values()})
+    # No format at all when the fallback dequantized every quantized module.
+    fmt = "mixed-precision" if len(formats) > 1 else formats[0] if formats else "dense"
     qc = QuantizationConfig(
         config_groups=config_groups,
-        format=formats.pop() if len(formats) == 1 else "mixed-precision",
+        format=fmt,
         quantization_status="compressed",
-        ignore=_ignore_list(cfg, modules, tensors),
+        ignore=_ignore_list(cfg, modules, tensors) + dequantized,
         kv_cache_scheme=kv_cache_args(cfg.kv_cache_algo) if cfg.kv_cache_algo else None,
     )
     return qc.model_dump(mode="json", exclude_none=True)

@@ -17,7 +17,7 @@ import torch
 
 from .errors import TensorMismatchError
 from .plan import Rule, Tensors
-from .recipes.base import Module, Recipe, check_equal, check_scale
+from .recipes.base import FLOAT_DTYPES, PQS, Module, Recipe, check_equal, check_scale
 from .shards import TensorInfo
 
 # Pre-norm decoders whose input_layernorm feeds only q/k/v and whose post-attention norm feeds
@@ -29,7 +29,6 @@ NORM_CONSUMERS = {
 }
 MLP_LEAVES = {"gate_proj", "up_proj", "down_proj"}
 ROW_PRODUCER = {"down_proj": "up_proj", "w2": "w3", "o_proj": "v_proj"}
-PQS = "pre_quant_scale"
 
 
 @dataclass
@@ -51,7 +50,7 @@ def plan_pre_quant(
     for name, m in with_pqs.items():
         _, inp = modules[name][1].weight_shape(m)
         info = m.info(PQS)
-        if info.dtype not in (torch.bfloat16, torch.float16, torch.float32) or info.shape != (inp,):
+        if info.dtype not in FLOAT_DTYPES or info.shape != (inp,):
             raise TensorMismatchError(f"{info.describe()}: expected a float [{inp}] vector")
     llama_like = hf_config.get("model_type") in LLAMA_LIKE
     done: set[str] = set()
@@ -123,10 +122,10 @@ def _fold_into_rows(
     heads, kv_heads = hf_config.get("num_attention_heads"), hf_config.get("num_key_value_heads")
     mha = heads is not None and heads == (kv_heads or heads)
     for name, m in with_pqs.items():
-        parent, leaf = name.rsplit(".", 1)
+        parent, dot, leaf = name.rpartition(".")  # a top-level module has no parent
         if leaf not in ROW_PRODUCER or (leaf == "o_proj" and (not mha or kv_algo is not None)):
             continue
-        producer = f"{parent}.{ROW_PRODUCER[leaf]}"
+        producer = f"{parent}{dot}{ROW_PRODUCER[leaf]}"
         if producer not in modules:
             continue
         pm, precipe = modules[producer]

@@ -12,10 +12,11 @@ import struct
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .errors import CorruptSafetensorsError, MissingTensorError, NotAModelOptCheckpoint, UnsafePathError
+from .errors import CorruptSafetensorsError, LazyxformError, MissingTensorError, NotAModelOptCheckpoint, UnsafePathError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -38,6 +39,8 @@ DTYPES: dict[str, torch.dtype] = {
 
 # Real headers are a few MB at most; a huge length is corruption or an attack on memory.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# torch sizes and element counts are int64.
+MAX_ELEMENTS = 2**63 - 1
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -64,26 +67,72 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def checkpoint_file(directory: Path, name: str) -> Path | None:
+    """`directory / name` if it is a regular file, None if there is none. Refused when the name or a
+    symlink leads outside the directory; the one exception is the Hugging Face hub cache, whose
+    `snapshots/<rev>/<file>` are symlinks to `../../blobs/<sha>` of the same repository."""
+    directory = Path(directory)
+    path = directory / name
+    try:
+        root = directory.resolve()
+        target = path.resolve()
+        is_file = target.is_file()
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL byte, name too long
+        raise UnsafePathError(f"{directory}: cannot resolve {name!r} ({e})") from None
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if os.path.isabs(name) or not any(target.is_relative_to(a) for a in allowed):
+        raise UnsafePathError(f"{directory}: {name!r} resolves to {target}, outside the checkpoint directory")
+    return path if is_file else None
+
+
+def load_json_object(raw: bytes, where: Path, error: type[LazyxformError]) -> dict[str, Any]:
+    """Strict JSON: UTF-8, an object at the top, no key twice (readers disagree on which copy wins,
+    so a duplicated tensor entry could show the engine one tensor and a checker another)."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {key!r} appears twice")
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, duplicate keys, huge ints, deep nesting
+        raise error(f"{where}: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(data, dict):
+        raise error(f"{where}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_json_file(path: Path, error: type[LazyxformError]) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    return load_json_object(raw, path, error)
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and validate one safetensors header; no tensor bytes are read."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise CorruptSafetensorsError(f"{path}: file is {size} bytes, too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CorruptSafetensorsError(
-                f"{path}: header claims {header_len} bytes but the file has {size - 8} after the length field"
-            )
-        raw = f.read(header_len)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptSafetensorsError(f"{path}: header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise CorruptSafetensorsError(f"{path}: header is {type(header).__name__}, expected a JSON object")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CorruptSafetensorsError(f"{path}: file is {size} bytes, too short for a safetensors header")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise CorruptSafetensorsError(
+                    f"{path}: header claims {header_len} bytes but the file has {size - 8} after the length field "
+                    f"(at most {MAX_HEADER_BYTES} allowed)"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise CorruptSafetensorsError(f"{path}: cannot read ({e.strerror})") from None
+    header = load_json_object(raw, path, CorruptSafetensorsError)
     data_start = 8 + header_len
     data_size = size - data_start
     infos: dict[str, TensorInfo] = {}
@@ -98,13 +147,17 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CorruptSafetensorsError(f"{path}: entry for {name!r} is not an object")
-    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
-    if dtype is None:
-        raise CorruptSafetensorsError(f"{path}: tensor {name!r} has unknown dtype {entry.get('dtype')!r}")
+    dtype_name = entry.get("dtype")
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise CorruptSafetensorsError(f"{path}: tensor {name!r} has unknown dtype {dtype_name!r} (expected one of {sorted(DTYPES)})")
+    dtype = DTYPES[dtype_name]
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise CorruptSafetensorsError(f"{path}: tensor {name!r} has invalid shape {shape!r}")
+    # Zero-size dims are counted as 1 so that [0, 2**70] cannot slip past as an empty tensor.
+    if prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise CorruptSafetensorsError(f"{path}: tensor {name!r} has shape {shape}, beyond int64 element counts")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
@@ -128,7 +181,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
 
 def _check_no_overlap(path: Path, infos: dict[str, TensorInfo]) -> None:
     spans = sorted((i.start, i.end, i.name) for i in infos.values() if i.end > i.start)
-    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
         if start_b < end_a:
             raise CorruptSafetensorsError(f"{path}: tensors {a!r} and {b!r} overlap in the data section")
 
@@ -136,9 +189,8 @@ def _check_no_overlap(path: Path, infos: dict[str, TensorInfo]) -> None:
 def index_checkpoint(directory: Path) -> dict[str, TensorInfo]:
     """Every tensor of a checkpoint directory, from `model.safetensors.index.json` or the lone shard(s)."""
     directory = Path(directory)
-    root = directory.resolve()
-    index_path = directory / INDEX_FILE
-    if index_path.exists():
+    index_path = checkpoint_file(directory, INDEX_FILE)
+    if index_path is not None:
         shard_names = _shards_from_index(index_path)
     else:
         shard_names = {p.name: [] for p in sorted(directory.glob("*.safetensors"))}
@@ -146,7 +198,9 @@ def index_checkpoint(directory: Path) -> dict[str, TensorInfo]:
         raise NotAModelOptCheckpoint(f"{directory}: no *.safetensors files and no {INDEX_FILE}")
     infos: dict[str, TensorInfo] = {}
     for shard, expected_names in shard_names.items():
-        path = _safe_shard_path(root, directory, shard)
+        path = checkpoint_file(directory, shard)
+        if path is None:
+            raise MissingTensorError(f"{directory}: shard {shard!r} is missing or not a regular file")
         header = read_header(path)
         for name in expected_names:
             if name not in header:
@@ -161,28 +215,15 @@ def index_checkpoint(directory: Path) -> dict[str, TensorInfo]:
 
 
 def _shards_from_index(index_path: Path) -> dict[str, list[str]]:
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CorruptSafetensorsError(f"{index_path}: not a valid safetensors index ({e!r})") from None
+    weight_map = load_json_file(index_path, CorruptSafetensorsError).get("weight_map")
     if not isinstance(weight_map, dict):
-        raise CorruptSafetensorsError(f"{index_path}: weight_map is not an object")
+        raise CorruptSafetensorsError(f"{index_path}: weight_map is {type(weight_map).__name__}, expected an object")
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         if not isinstance(shard, str):
-            raise CorruptSafetensorsError(f"{index_path}: weight_map[{name!r}] is not a file name")
+            raise CorruptSafetensorsError(f"{index_path}: weight_map[{name!r}] is {shard!r}, expected a file name")
         shards.setdefault(shard, []).append(name)
     return shards
-
-
-def _safe_shard_path(root: Path, directory: Path, shard: str) -> Path:
-    candidate = directory / shard
-    if os.path.isabs(shard) or not candidate.resolve().is_relative_to(root):
-        raise UnsafePathError(f"{directory}: shard {shard!r} lies outside the checkpoint directory")
-    if not candidate.is_file():
-        raise MissingTensorError(f"{directory}: shard {shard!r} named by the index does not exist")
-    return candidate
 
 
 class ShardReader:
@@ -192,11 +233,21 @@ class ShardReader:
         self._files: dict[Path, object] = {}
 
     def read(self, info: TensorInfo) -> torch.Tensor:
-        f = self._files.get(info.file)
-        if f is None:
-            f = self._files[info.file] = open(info.file, "rb")
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        got = os.preadv(f.fileno(), [buf.numpy()], info.start) if info.nbytes else 0  # type: ignore[attr-defined]
+        view = memoryview(buf.numpy())
+        got = 0
+        try:
+            f = self._files.get(info.file)
+            if f is None:
+                f = self._files[info.file] = open(info.file, "rb")
+            # One call moves at most ~2 GiB on Linux: resume short reads until the end of the file.
+            while got < info.nbytes:
+                n = os.preadv(f.fileno(), [view[got:]], info.start + got)  # type: ignore[attr-defined]
+                if n == 0:
+                    break
+                got += n
+        except OSError as e:
+            raise CorruptSafetensorsError(f"{info.file}: cannot read {info.name!r} ({e.strerror})") from None
         if got != info.nbytes:
             raise CorruptSafetensorsError(
                 f"{info.file}: read {got} of {info.nbytes} bytes of {info.name!r} (file changed or truncated)"

@@ -20,3 +20,9 @@ def pack_int32_cols(q: torch.Tensor, bits: int) -> torch.Tensor:
     for i in range(1, per_word):
         packed |= u[..., i] << (bits * i)
     return packed
+
+
+def shape_tensor(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int64 [len(shape)] on `device` (compressed-tensors' `weight_shape`). Copied without waiting:
+    `torch.tensor(..., device="cuda")` would block the host until the device caught up."""
+    return torch.tensor(shape, dtype=torch.int64).to(device, non_blocking=True)

@@ -10,10 +10,14 @@ from typing import ClassVar
 import torch
 from compressed_tensors.quantization import QuantizationArgs
 
+from ..checks import require, require_positive_finite
 from ..errors import BadScaleError, InconsistentScalesError, LazyxformWarning, MissingTensorError, TensorMismatchError
 from ..modelopt import AlgoConfig
 from ..plan import Rule, Tensors
 from ..shards import TensorInfo
+
+PQS = "pre_quant_scale"  # AWQ / SmoothQuant / SVDQuant activation multiplier, [in]
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @dataclass
@@ -56,20 +60,41 @@ class Recipe:
     has_input_scale: ClassVar[bool] = False
     # True when per-output-row scales can absorb a factor exactly (pre_quant_scale row folds).
     row_scalable: ClassVar[bool] = False
+    # The weight dimension along which two 4-bit values share a byte (None: one value per element).
+    nibble_dim: ClassVar[int | None] = None
 
-    def target(self, cfg: AlgoConfig) -> Target:
+    def target(self, cfg: AlgoConfig) -> Target | None:
+        """The compressed-tensors scheme, or None when the format has none (the module is then
+        dequantized by `dense_rules`, or refused, per the checkpoint's fallback policy)."""
         raise NotImplementedError
 
     def weight_shape(self, m: Module) -> tuple[int, int]:
-        """The dense [out, in] shape; recipes with packed weights derive it differently."""
-        shape = m.info("weight").shape
+        """The dense [out, in] shape of the stored (possibly nibble-packed) weight."""
+        shape = list(m.info("weight").shape)
         if len(shape) != 2:
             raise TensorMismatchError(f"{m.info('weight').describe()}: expected a 2-D weight")
-        return shape  # type: ignore[return-value]
+        if self.nibble_dim is not None:
+            shape[self.nibble_dim] *= 2
+        return shape[0], shape[1]
 
     def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
         """Rules for the module's own tensors; `row_factor` names a [out] tensor to multiply into row scales."""
         raise NotImplementedError
+
+    def dense_rules(self, m: Module) -> list[Rule]:
+        """For recipes without a target: rules producing `<module>.weight` in the model dtype, consuming
+        every tensor of the module (pre_quant_scale included)."""
+        raise NotImplementedError
+
+    @property
+    def shares_fused_scales(self) -> bool:
+        """True when fused siblings' per-tensor scales meet in `fused_rules` (the planner then
+        requires every sibling present and in the same format)."""
+        return self.has_input_scale
+
+    def fused_rules(self, members: Sequence[Module]) -> list[Rule]:
+        """Rules over one set of siblings the engine runs as one GEMM (a lone module is a set of one)."""
+        return [self.input_scale_rule(members)]
 
     def input_scale_rule(self, members: Sequence[Module]) -> Rule:
         """Fused siblings (q/k/v, gate/up) share one activation scale in the engine: merge to the max,
@@ -83,13 +108,16 @@ class Recipe:
                 check_scale(n, t[n])
             values = torch.stack([t[n].float().reshape(()) for n in names])
             merged = values.amax().reshape(1)
-            if not bool((values == merged).all()):
+
+            def differ() -> None:
                 warnings.warn(
                     f"activation scales of fused {', '.join(names)} differ ({values.tolist()}); using their max, "
                     "as vLLM does for a fused layer",
                     LazyxformWarning,
                     stacklevel=2,
                 )
+
+            require((values == merged).all(), differ)
             return {n: merged.clone() for n in names}
 
         return Rule("input_scale: 0-d -> [1], fused siblings -> max", names, names, merge)
@@ -102,10 +130,19 @@ def expect(info: TensorInfo, dtypes: Sequence[torch.dtype], shape: Sequence[int]
         raise TensorMismatchError(f"{info.describe()}: expected {want} {list(shape)}")
 
 
+def block_count(m: Module, inp: int, block: int) -> int:
+    """Scale blocks per row; ModelOpt rejects partial blocks, so a remainder means a foreign layout."""
+    if inp % block:
+        raise TensorMismatchError(f"{m.info('weight').describe()}: {inp} input columns are not a whole number of {block}-column blocks")
+    return inp // block
+
+
 def check_scale(name: str, t: torch.Tensor) -> None:
-    """Scales must be finite and > 0: a zero or NaN scale would silently zero or poison the layer."""
-    bad = ~torch.isfinite(t.float()) | (t.float() <= 0)
-    if bool(bad.any()):
+    """Scales must be finite and > 0: a zero or NaN scale would silently zero or poison the layer.
+    (On a GPU the stream checks a whole batch's scales at once, and reads the verdict back later.)"""
+
+    def fail() -> None:
+        bad = ~torch.isfinite(t.float()) | (t.float() <= 0)
         idx = [int(i) for i in bad.nonzero()[0]] if t.dim() else []
         value = float(t.float()[tuple(idx)]) if t.dim() else float(t.float())
         raise BadScaleError(
@@ -113,15 +150,20 @@ def check_scale(name: str, t: torch.Tensor) -> None:
             f"(first at index {idx}: {value})"
         )
 
+    require_positive_finite(t, fail)
+
 
 def check_equal(names: Sequence[str], t: Tensors, what: str) -> torch.Tensor:
     first = t[names[0]]
     for n in names[1:]:
-        if not torch.equal(t[n], first):
+
+        def fail(n: str = n) -> None:
             raise InconsistentScalesError(
                 f"{what}: {names[0]} and {n} differ (max abs diff "
                 f"{float((t[n].float() - first.float()).abs().max()):.3g}); they must be identical"
             )
+
+        require((t[n] == first).all(), fail)  # headers fixed shapes and dtypes, so == is torch.equal
     return first
 
 
@@ -135,6 +177,27 @@ def row_scaled(scale: torch.Tensor, row_factor: torch.Tensor | None) -> torch.Te
 
 def passthrough(name: str) -> Rule:
     return Rule("unchanged", (name,), (name,), lambda t: {name: t[name]})
+
+
+def renamed(src: str, dst: str) -> Rule:
+    """The same bytes under the compressed-tensors name."""
+    return Rule(f"{src.rsplit('.', 1)[1]} -> {dst.rsplit('.', 1)[1]}, same bytes", (src,), (dst,), lambda t: {dst: t[src]})
+
+
+def checked_and_dropped(name: str, why: str) -> Rule:
+    """A scale the target scheme has no place for: validated, then not yielded."""
+
+    def fn(t: Tensors) -> dict[str, torch.Tensor]:
+        check_scale(name, t[name])
+        return {}
+
+    return Rule(f"{name.rsplit('.', 1)[1]}: checked, dropped ({why})", (name,), (), fn)
+
+
+def dropped_input_scales(members: Sequence[Module], why: str) -> list[Rule]:
+    for m in members:
+        expect(m.info("input_scale"), (torch.float32,), ())
+    return [checked_and_dropped(m.key("input_scale"), why) for m in members]
 
 
 def scale_rule(
@@ -151,11 +214,10 @@ def scale_rule(
 
     def fn(t: Tensors) -> dict[str, torch.Tensor]:
         check_scale(src, t[src])
-        factor = None
-        if row_factor is not None:
-            check_scale(row_factor, t[row_factor])
-            factor = t[row_factor]
-        return {dst: row_scaled(layout(t[src].float()), factor).to(dtype)}
+        if row_factor is None:  # layouts only move values: no fp32 round trip (each is a kernel launch)
+            return {dst: layout(t[src]).to(dtype)}
+        check_scale(row_factor, t[row_factor])
+        return {dst: row_scaled(layout(t[src].float()), t[row_factor]).to(dtype)}
 
     if row_factor is not None:
         label += f", rows x {row_factor}"

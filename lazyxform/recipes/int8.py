@@ -7,7 +7,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 
 from ..modelopt import AlgoConfig
-from ..ops.pack import pack_int32_cols
+from ..ops.pack import pack_int32_cols, shape_tensor
 from ..plan import Rule, Tensors
 from .base import Module, Recipe, Target, expect, passthrough, scale_rule
 
@@ -62,7 +62,7 @@ class Int8WeightOnlyRecipe(Recipe):
         w, packed, shape = m.key("weight"), m.key("weight_packed"), m.key("weight_shape")
 
         def pack(t: Tensors) -> dict[str, torch.Tensor]:
-            return {packed: pack_int32_cols(t[w], 8), shape: torch.tensor([out, inp], dtype=torch.int64, device=t[w].device)}
+            return {packed: pack_int32_cols(t[w], 8), shape: shape_tensor((out, inp), t[w].device)}
 
         return [
             Rule("weight int8 [out, in] -> weight_packed int32 [out, in/4] + weight_shape", (w,), (packed, shape), pack),

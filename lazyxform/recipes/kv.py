@@ -8,7 +8,7 @@ import re
 import torch
 from compressed_tensors.quantization import QuantizationArgs
 
-from ..errors import UnsupportedAlgoError
+from ..errors import UnexpectedTensorError, UnsupportedAlgoError
 from ..plan import Rule
 from ..shards import TensorInfo
 from .base import expect, scale_rule
@@ -17,18 +17,27 @@ KV_SCALE = re.compile(r"^(?P<attn>.+?)\.(?:[kv]_proj\.)?(?P<kind>[kv])_scale$")
 
 
 def kv_cache_args(algo: str) -> QuantizationArgs:
-    if algo != "FP8":
-        raise UnsupportedAlgoError(f"kv_cache_quant_algo {algo!r} is not supported (supported: FP8)")
-    return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
+    """FP8: static per-tensor. NVFP4: FP4 in 16-element blocks with dynamic FP8 block scales, as
+    compressed-tensors' NVFP4 activation preset; ModelOpt's k/v_scale are amax/448 for both
+    (unified_export_hf.py), the per-tensor values vLLM's native ModelOpt path loads either way."""
+    if algo == "FP8":
+        return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
+    if algo == "NVFP4":
+        return QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16, dynamic="local")
+    raise UnsupportedAlgoError(f"kv_cache_quant_algo {algo!r} is not supported (supported: FP8, NVFP4)")
 
 
 def kv_scale_rules(tensors: dict[str, TensorInfo]) -> list[Rule]:
     rules = []
+    source: dict[str, str] = {}
     for name, info in tensors.items():
         match = KV_SCALE.match(name)
         if match is None:
             continue
         expect(info, (torch.float32,), ())
         dst = f"{match['attn']}.{match['kind']}_scale"
+        if dst in source:  # `attn.k_proj.k_scale` next to `attn.k_scale`: which one would the engine get?
+            raise UnexpectedTensorError(f"{info.file.name}: {source[dst]} and {name} are both the {match['kind']}_scale of {match['attn']}")
+        source[dst] = name
         rules.append(scale_rule(f"{match['kind']}_scale: 0-d -> [1] at the attention", name, dst, lambda s: s.reshape(1)))
     return rules

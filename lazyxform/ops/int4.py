@@ -1,0 +1,34 @@
+"""ModelOpt INT4 (two output rows per byte) -> compressed-tensors pack-quantized (eight input columns per int32)."""
+
+from __future__ import annotations
+
+import torch
+
+from .pack import pack_int32_cols
+
+
+def int4_rows_to_ct_packed(packed_rows: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., O/2, I] -> int32 [..., O, I/8].
+
+    ModelOpt's byte [i, k] holds signed int4 q[2i, k] in its low nibble and q[2i+1, k] in its high
+    nibble (two's complement). compressed-tensors stores q + 8 in bits [4t, 4t+4) of word j for
+    column 8j+t. On a GPU a one-pass Triton kernel (ops/int4_triton.py) computes the same bits;
+    elsewhere pure torch ops."""
+    if packed_rows.is_cuda and packed_rows.shape[-1] % 8 == 0:
+        try:
+            from .int4_triton import int4_rows_to_ct_packed_triton
+        except ImportError:  # a CUDA torch without Triton: the torch ops below
+            pass
+        else:
+            return int4_rows_to_ct_packed_triton(packed_rows)
+    return int4_rows_to_ct_packed_torch(packed_rows)
+
+
+def int4_rows_to_ct_packed_torch(packed_rows: torch.Tensor) -> torch.Tensor:
+    """`int4_rows_to_ct_packed` in torch ops, on any device (the reference for the Triton kernel)."""
+    low = (packed_rows & 0xF).to(torch.int8)
+    high = (packed_rows >> 4).to(torch.int8)
+    # Two's-complement nibble n -> signed value: (n ^ 8) - 8.
+    rows = torch.stack(((low ^ 8) - 8, (high ^ 8) - 8), dim=-2)  # [..., O/2, 2, I]
+    q = rows.reshape(*packed_rows.shape[:-2], 2 * packed_rows.shape[-2], packed_rows.shape[-1])
+    return pack_int32_cols(q, 4)

@@ -1,0 +1,83 @@
+"""INT4 group weights: W4A16_AWQ (from INT4_AWQ and INT4_BLOCKWISE_WEIGHT_ONLY) and W4A8_AWQ.
+
+ModelOpt: W[r, k] = q[r, k] * weight_scale[r, k // group], q signed int4, no zero point, two
+OUTPUT rows per byte. compressed-tensors pack-quantized: eight INPUT columns per int32, offset +8,
+group scales in the model dtype (the one rounding of this recipe: fp32 -> bf16, 2^-8 relative).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+
+from ..errors import UnsupportedAlgoError
+from ..modelopt import AlgoConfig
+from ..ops.int4 import int4_rows_to_ct_packed
+from ..ops.pack import shape_tensor
+from ..plan import Rule, Tensors
+from .base import Module, Recipe, Target, block_count, checked_and_dropped, expect, scale_rule
+from .fp8 import fp8_args
+
+DEFAULT_GROUP = 128  # ModelOpt's INT4 block size when the config does not say
+
+
+def int4_group_weights(cfg: AlgoConfig) -> QuantizationArgs:
+    if cfg.has_zero_point:
+        raise UnsupportedAlgoError(f"quant_algo {cfg.algo} with has_zero_point: true (asymmetric INT4) is not supported")
+    return QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=cfg.group_size or DEFAULT_GROUP, dynamic=False)
+
+
+class Int4AwqRecipe(Recipe):
+    """W4A16_AWQ -> WNA16 int4 group, pack-quantized. Group scales are per row, so a pre_quant_scale
+    row fold multiplies into them before their one rounding to the model dtype."""
+
+    algos = ("W4A16_AWQ",)
+    row_scalable = True
+    nibble_dim = 0
+
+    def target(self, cfg: AlgoConfig) -> Target:
+        return Target(int4_group_weights(cfg), None, "pack-quantized")
+
+    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+        out, inp = self.weight_shape(m)
+        groups = block_count(m, inp, int4_group_weights(m.cfg).group_size)
+        expect(m.info("weight"), (torch.uint8,), (out // 2, inp))
+        expect(m.info("weight_scale"), (torch.float32,), (out, groups))
+        w, packed, shape = m.key("weight"), m.key("weight_packed"), m.key("weight_shape")
+
+        def repack(t: Tensors) -> dict[str, torch.Tensor]:
+            return {packed: int4_rows_to_ct_packed(t[w]), shape: shape_tensor((out, inp), t[w].device)}
+
+        dtype = str(m.model_dtype).removeprefix("torch.")
+        return [
+            Rule("weight uint8 [out/2, in] (2 rows per byte) -> weight_packed int32 [out, in/8] + weight_shape", (w,), (packed, shape), repack),
+            scale_rule(f"weight_scale: float32 -> {dtype}", m.key("weight_scale"), m.key("weight_scale"), lambda s: s, dtype=m.model_dtype, row_factor=row_factor),
+        ]
+
+
+class W4A8AwqRecipe(Int4AwqRecipe):
+    """W4A8_AWQ -> the W4AFP8 scheme (vLLM's CompressedTensorsW4A8Fp8, CUTLASS on Hopper): the same
+    int4 group weights, activations FP8 per token, dynamic.
+
+    `weight_scale_2` is the per-tensor scale of ModelOpt's second (FP8) weight quantizer: the stored
+    int4 values and group scales do not use it (W = q * weight_scale). vLLM derives its own FP8 form
+    of the group scales at load (per row), so it is checked and dropped. The static per-tensor FP8
+    `input_scale` has no place in a per-token dynamic scheme: checked and dropped too."""
+
+    algos = ("W4A8_AWQ",)
+    consumes = ("weight", "weight_scale", "weight_scale_2")
+    has_input_scale = True
+
+    def target(self, cfg: AlgoConfig) -> Target:
+        return Target(int4_group_weights(cfg), fp8_args("token", True), "pack-quantized")
+
+    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+        expect(m.info("weight_scale_2"), (torch.float32,), ())
+        return [*super().rules(m, row_factor), checked_and_dropped(m.key("weight_scale_2"), "W = q * weight_scale does not use it")]
+
+    def fused_rules(self, members: Sequence[Module]) -> list[Rule]:
+        for m in members:
+            expect(m.info("input_scale"), (torch.float32,), ())
+        return [checked_and_dropped(m.key("input_scale"), "activations are quantized per token at run time") for m in members]
