@@ -1,0 +1,109 @@
+"""The "lazyxform" quantization method: vLLM's compressed-tensors config, built from lazyxform's
+translation of a ModelOpt checkpoint's config, plus the run-time pre_quant_scale of the modules
+whose scale the weight stream keeps."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.linear import LinearBase
+from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+
+import lazyxform
+
+from .config_parser import MARK
+from .linear import PreQuantScaleLinearMethod
+
+if TYPE_CHECKING:
+    from vllm.model_executor.models.utils import WeightsMapper
+
+logger: logging.Logger = init_logger(f"vllm.{__name__}")
+
+NAME = "lazyxform"
+
+
+class LazyxformConfig(CompressedTensorsConfig):
+    checkpoint_dir: str
+    # Checkpoint (later: vLLM) names of the modules whose input is scaled at run time.
+    runtime_pre_quant_scale: frozenset[str]
+
+    def get_name(self) -> str:
+        return NAME
+
+    @classmethod
+    def override_quantization_method(
+        cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None
+    ) -> str | None:
+        """Claims the ModelOpt checkpoints the config parser marked as served, and any marked one
+        when the user asks for quantization="lazyxform"; another explicit choice is respected."""
+        mark = hf_quant_cfg.get(MARK)
+        if not isinstance(mark, dict):
+            return None
+        if user_quant == NAME or (user_quant is None and mark["served"]):
+            return NAME
+        return None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LazyxformConfig:
+        mark = config.get(MARK)
+        if not isinstance(mark, dict):
+            raise lazyxform.NotAModelOptCheckpoint(
+                f"quantization={NAME!r} needs a ModelOpt checkpoint seen by the lazyxform config parser; this "
+                f"quantization config (quant_method {config.get('quant_method')!r}) has no {MARK!r} mark"
+            )
+        # Configs and headers only; no tensor is read, so no device is touched in this process.
+        ck = lazyxform.open(mark["checkpoint"], device="cpu")
+        # compressed-tensors' from_config builds `cls`, so the schemes are vLLM's own.
+        quant_config = super().from_config(copy.deepcopy(ck.quantization_config))
+        quant_config.checkpoint_dir = mark["checkpoint"]
+        quant_config.runtime_pre_quant_scale = frozenset(ck.plan.runtime_pre_quant_scale)
+        logger.info(
+            "lazyxform: %s as compressed-tensors (format %s), %d quantized modules, %d with a run-time "
+            "pre_quant_scale; `lazyxform inspect %s` prints the plan",
+            mark["checkpoint"],
+            ck.quantization_config.get("format"),
+            len(ck.plan.modules),
+            len(quant_config.runtime_pre_quant_scale),
+            mark["checkpoint"],
+        )
+        for warning in ck.plan.warnings:
+            logger.warning("lazyxform: %s", warning)
+        return quant_config
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
+        super().apply_vllm_mapper(hf_to_vllm_mapper)
+        mapped = (hf_to_vllm_mapper._map_name(name) for name in self.runtime_pre_quant_scale)
+        self.runtime_pre_quant_scale = frozenset(name for name in mapped if name is not None)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        method = super().get_quant_method(layer, prefix)
+        if isinstance(layer, LinearBase):
+            members = self._checkpoint_modules(prefix)
+            scaled = [m for m in members if m in self.runtime_pre_quant_scale]
+            if not scaled:
+                return method
+            if len(scaled) != len(members):
+                raise lazyxform.InconsistentScalesError(
+                    f"{prefix}: vLLM runs {', '.join(members)} as one GEMM over one input, but only "
+                    f"{', '.join(scaled)} carry a pre_quant_scale"
+                )
+            return PreQuantScaleLinearMethod(method)
+        if isinstance(layer, RoutedExperts) and any(n.startswith(prefix + ".") for n in self.runtime_pre_quant_scale):
+            raise lazyxform.UnsupportedAlgoError(
+                f"{prefix}: experts with a pre_quant_scale that lazyxform could not fold are not supported in vLLM "
+                "(the fused-MoE kernels take no per-expert input scale)"
+            )
+        return method
+
+    def _checkpoint_modules(self, prefix: str) -> list[str]:
+        """The checkpoint modules behind a vLLM layer: the members of a fused layer (qkv_proj ->
+        q_proj, k_proj, v_proj, per the model's packed_modules_mapping), else the layer itself."""
+        parent, dot, leaf = prefix.rpartition(".")
+        members = self.packed_modules_mapping.get(leaf)
+        return [f"{parent}{dot}{m}" for m in members] if members else [prefix]

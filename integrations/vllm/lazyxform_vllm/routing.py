@@ -1,0 +1,30 @@
+"""Which ModelOpt checkpoints lazyxform serves instead of vLLM's own ModelOpt support."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, get_args
+
+ROUTE_ENV = "LAZYXFORM_VLLM_ROUTE"
+Route = Literal["auto", "all", "off"]
+ROUTES: tuple[str, ...] = get_args(Route)
+
+# The ModelOpt quant_algo values vLLM 0.32 and 0.33 load themselves (LINEAR_ALGOS in
+# vllm/model_executor/layers/quantization/modelopt.py); a MIXED_PRECISION checkpoint is native
+# when every per-layer algo is.
+VLLM_NATIVE_ALGOS = frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8"})
+
+
+def route() -> Route:
+    """auto (default): serve what vLLM cannot load natively; all: every ModelOpt checkpoint; off: none."""
+    value = os.environ.get(ROUTE_ENV, "").strip().lower() or "auto"
+    if value not in ROUTES:
+        raise ValueError(f"{ROUTE_ENV}={value!r}: expected one of {', '.join(ROUTES)}")
+    return value  # type: ignore[return-value]
+
+
+def serves(algos: set[str], mode: Route) -> bool:
+    """Whether lazyxform serves a checkpoint with these (canonical, per-layer) quant_algo values."""
+    if mode != "auto":
+        return mode == "all"
+    return bool(algos - VLLM_NATIVE_ALGOS)

@@ -1,0 +1,91 @@
+"""The plugin's registration and routing, up to vLLM's ModelConfig (no engine is built)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+from vllm.engine.arg_utils import EngineArgs
+from vllm.model_executor.layers.quantization.modelopt import LINEAR_ALGOS
+from vllm.transformers_utils.config import get_config_parser
+from vllm_support import drop_flat_quantization_config, route
+
+import lazyxform_vllm
+from lazyxform_vllm.config_parser import ModelOptConfigParser
+from lazyxform_vllm.routing import VLLM_NATIVE_ALGOS, serves
+
+
+def model_config(path: Path, route_value: str = "auto", **kwargs):
+    with route(route_value):
+        return EngineArgs(model=str(path), **kwargs).create_model_config()
+
+
+def test_registered_as_a_general_plugin() -> None:
+    plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("lazyxform") == "lazyxform_vllm:register", plugins
+
+
+def test_native_algos_are_vllms() -> None:
+    """`auto` leaves vLLM exactly what it loads itself; this fails when vLLM's list changes."""
+    assert VLLM_NATIVE_ALGOS == set(LINEAR_ALGOS)
+
+
+@pytest.mark.parametrize(
+    ("algos", "mode", "expected"),
+    [
+        ({"W4A16_AWQ"}, "auto", True),
+        ({"W8A8_SQ_PER_CHANNEL"}, "auto", True),
+        ({"NVFP4_AWQ"}, "auto", True),
+        ({"W4A8_NVFP4_FP8"}, "auto", True),
+        ({"MXFP4"}, "auto", True),
+        ({"FP8", "W4A16_AWQ"}, "auto", True),  # MIXED_PRECISION with one algo vLLM lacks
+        ({"FP8"}, "auto", False),
+        ({"NVFP4", "FP8_PB_WO"}, "auto", False),
+        ({"FP8"}, "all", True),
+        ({"W4A16_AWQ"}, "off", False),
+    ],
+)
+def test_serves(algos: set[str], mode: str, expected: bool) -> None:
+    assert serves(algos, mode) is expected
+
+
+def test_unknown_route_is_an_error(checkpoint: Callable[[str], Path]) -> None:
+    with pytest.raises(Exception, match="LAZYXFORM_VLLM_ROUTE='sometimes'"):
+        model_config(checkpoint("int4_awq"), "sometimes")
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "kwargs", "expected"),
+    [
+        ("int4_awq", "auto", {}, "lazyxform"),
+        ("int8_sq", "auto", {}, "lazyxform"),
+        ("fp8_pc_pt", "auto", {}, "modelopt"),  # vLLM loads it natively
+        ("fp8_pc_pt", "all", {}, "lazyxform"),
+        ("fp8_pc_pt", "auto", {"quantization": "lazyxform"}, "lazyxform"),  # asked for by name
+        ("int4_awq", "off", {}, "modelopt"),  # stock vLLM, which then refuses W4A16_AWQ
+    ],
+)
+def test_routing(checkpoint: Callable[[str], Path], name: str, mode: str, kwargs: dict, expected: str) -> None:
+    assert model_config(checkpoint(name), mode, **kwargs).quantization == expected
+
+
+def test_legacy_nested_config_is_served(tmp_path: Path, checkpoint: Callable[[str], Path]) -> None:
+    """hf_quant_config.json alone, with an algo vLLM does not know: stock vLLM raises while
+    normalizing the config, before any quantization method is asked."""
+    legacy = tmp_path / "int4_awq"
+    shutil.copytree(checkpoint("int4_awq"), legacy)
+    drop_flat_quantization_config(legacy)
+    assert model_config(legacy).quantization == "lazyxform"
+    with pytest.raises(Exception, match="Unknown ModelOpt quant algo: W4A16_AWQ"):
+        model_config(legacy, "off")
+
+
+def test_plugin_registration_is_idempotent() -> None:
+    lazyxform_vllm.register()
+    lazyxform_vllm.register()
+    parser = type(get_config_parser("hf"))
+    assert parser is ModelOptConfigParser
+    assert not issubclass(parser.wrapped, ModelOptConfigParser)
