@@ -3,6 +3,8 @@
 import sys
 import time
 
+import torch
+
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationScheme
 from safetensors import safe_open
@@ -24,7 +26,13 @@ scheme = QuantizationScheme.model_validate(group)
 local = {n: out[f"{module}.{n}"].cpu() for n in compressor.compression_param_names(scheme) if f"{module}.{n}" in out}
 dense = compressor.decompress(local, scheme)["weight"].float()
 with safe_open(f"{path}/model.safetensors", framework="pt") as f:
-    w, s = f.get_tensor(f"{module}.weight"), f.get_tensor(f"{module}.weight_scale")
-print(f"{module}: compressed-tensors decompress vs ModelOpt (w * weight_scale): max abs diff "
-      f"{(dense - w.float() * s.float().reshape(-1, *[1] * (w.dim() - 1))).abs().max().item():.3g} "
+    w, s = f.get_tensor(f"{module}.weight"), f.get_tensor(f"{module}.weight_scale").float()
+if w.dtype == torch.uint8:  # INT4: two output rows per byte, signed nibbles, low nibble = even row
+    nibbles = torch.stack([w & 15, w >> 4], dim=1).reshape(-1, w.shape[1]).to(torch.int16)
+    q = (nibbles - 16 * (nibbles > 7)).float()
+    modelopt = q * s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+else:  # FP8 / INT8: one code per element, per-tensor or per-row scale
+    modelopt = w.float() * s.reshape(-1, *[1] * (w.dim() - 1))
+rel = ((dense - modelopt).abs() / modelopt.abs().clamp_min(1e-30)).max().item()
+print(f"{module}: compressed-tensors decompress vs ModelOpt's dequant formula: max relative diff {rel:.3g} "
       "(row scales may carry a folded pre_quant_scale: see 'folds' above)")
