@@ -21,9 +21,15 @@ _collecting: ContextVar[list[Check] | None] = ContextVar("lazyxform_checks", def
 
 
 def positive_finite(t: torch.Tensor) -> torch.Tensor:
-    """0-d boolean: every value finite and > 0 (NaN fails both comparisons)."""
-    f = t.float()
-    return ((f > 0) & (f < torch.inf)).all()
+    """0-d boolean: every value finite and > 0. One min/max pass and no temporaries the size of `t`
+    (NaN propagates through min and max, and fails both comparisons)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    if t.dtype == torch.float8_e4m3fn:  # as bytes: 0x00 is zero, 0x7F NaN, the sign bit negative; no inf
+        lo, hi = torch.aminmax(t.view(torch.uint8))
+        return (lo > 0) & (hi < 0x7F)
+    lo, hi = torch.aminmax(t if t.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) else t.float())
+    return (lo > 0) & (hi < torch.inf)
 
 
 def require(ok: torch.Tensor, fail: Callable[[], None]) -> None:

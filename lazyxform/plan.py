@@ -7,7 +7,7 @@ group and a group is the unit the stream holds in memory and executes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,13 @@ class Rule:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     fn: Callable[[Tensors], dict[str, torch.Tensor]]
+    # `fn` of many rules at once, with the same bits in a few kernel launches instead of a few per
+    # rule. When the stream runs groups in batches (GPU loads), rules holding the same `many` run
+    # through it together: a load is bound by the host time of launching small kernels.
+    many: Many | None = None
+
+
+Many = Callable[[Sequence[tuple[Rule, Tensors]]], list[dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -41,10 +48,19 @@ class Group:
     def run(self, tensors: Tensors) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for rule in self.rules:
-            produced = rule.fn({n: tensors[n] for n in rule.inputs})
-            assert tuple(produced) == rule.outputs, (rule.label, tuple(produced), rule.outputs)
-            out.update(produced)
+            out.update(checked_outputs(rule, rule.fn({n: tensors[n] for n in rule.inputs})))
         return out
+
+
+def run_many(many: Many, work: Sequence[tuple[Rule, Tensors]]) -> list[dict[str, torch.Tensor]]:
+    produced = many(work)
+    assert len(produced) == len(work), (work[0][0].label, len(produced), len(work))
+    return [checked_outputs(rule, out) for (rule, _), out in zip(work, produced, strict=True)]
+
+
+def checked_outputs(rule: Rule, produced: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    assert tuple(produced) == rule.outputs, (rule.label, tuple(produced), rule.outputs)
+    return produced
 
 
 @dataclass

@@ -10,8 +10,9 @@ cost more than the launches they would overlap.)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from . import profile
 from .checks import Check, collect, settle, verdict
 from .errors import CorruptSafetensorsError, MissingTensorError, TensorMismatchError
-from .plan import Group, Plan
+from .plan import Group, Many, Plan, Rule, checked_outputs, run_many
 
 # A batch runs on a GPU once it holds this many input bytes or groups: large enough that the
 # per-batch costs (stream hand-over, check read-back) vanish, small enough to hold only a few
@@ -77,6 +78,13 @@ def rewrite(plan: Plan, pairs: Iterable[Pair], device: torch.device, batch_bytes
         raise MissingTensorError(_describe_missing(plan, pending))
 
 
+@functools.cache
+def transform_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every load of the process: PyTorch's caching allocator keeps
+    freed blocks per stream, so a later load (or batch) reuses them instead of calling cudaMalloc."""
+    return torch.cuda.Stream(device)
+
+
 class Batch:
     """Complete groups waiting to run together, and the unsettled checks of the last batch run."""
 
@@ -86,7 +94,7 @@ class Batch:
         self.prof = prof
         self.groups: list[tuple[Group, Held]] = []
         self.nbytes = 0
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = transform_stream(device) if device.type == "cuda" else None
         self._unsettled: tuple[list[Check], torch.Tensor, Any] | None = None
 
     def add(self, group: Group, held: Held) -> None:
@@ -107,7 +115,7 @@ class Batch:
             self.stream.wait_stream(consumer)
         on_stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
         with on_stream, collect() if self.deferred else nullcontext([]) as checks:
-            outputs = [self._run(group, held) for group, held in groups]
+            outputs = self._run_all(groups)
             unsettled = self._read_back(checks)
         if self.stream is not None:
             consumer.wait_stream(self.stream)
@@ -128,12 +136,29 @@ class Batch:
         if not bool(ok):
             settle(checks)
 
-    def _run(self, group: Group, held: Held) -> Held:
+    def _run_all(self, groups: list[tuple[Group, Held]]) -> list[Held]:
+        """Every rule of the batch; rules sharing a `many` run through it together, after the others."""
+        outputs: list[Held] = [{} for _ in groups]
+        together: dict[Many, list[tuple[int, Rule, Held]]] = {}
+        for i, (group, held) in enumerate(groups):
+            for rule in group.rules:
+                inputs = {n: held[n] for n in rule.inputs}
+                if rule.many is not None:
+                    together.setdefault(rule.many, []).append((i, rule, inputs))
+                    continue
+                with self._span([rule], inputs.values()):
+                    outputs[i].update(checked_outputs(rule, rule.fn(inputs)))
+        for many, work in together.items():
+            with self._span([r for _, r, _ in work], (t for _, _, inputs in work for t in inputs.values())):
+                produced = run_many(many, [(r, inputs) for _, r, inputs in work])
+            for (i, _, _), out in zip(work, produced, strict=True):
+                outputs[i].update(out)
+        return outputs
+
+    def _span(self, rules: list[Rule], inputs: Iterable[torch.Tensor]) -> AbstractContextManager[Any]:
         if not self.prof.enabled:
-            return group.run(held)
-        stage = profile.rule_stage(r.label for r in group.rules)
-        with self.prof.device_span(stage, sum(t.nbytes for t in held.values()), "transforms"):
-            return group.run(held)
+            return nullcontext()
+        return self.prof.device_span(profile.rule_stage(r.label for r in rules), sum(t.nbytes for t in inputs), "transforms")
 
     def _read_back(self, checks: list[Check]) -> tuple[list[Check], torch.Tensor, Any] | None:
         """Queue the batch's verdict and its transfer to the host; returns what `settle` needs."""

@@ -4,7 +4,6 @@ import sys
 import time
 
 import torch
-
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationScheme
 from safetensors import safe_open

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import copy_fixture, rewrite_tensors
+from helpers import copy_fixture, edit_json, rewrite_tensors
 from reference import FIXTURES, load_tensors
 
 import lazyxform
@@ -34,6 +34,50 @@ def test_batched_rewrite_equals_one_group_at_a_time(fixture):
         want = eager[name]
         assert tensor.dtype == want.dtype and tensor.shape == want.shape, name
         assert torch.equal(tensor.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
+
+
+@pytest.mark.filterwarnings("ignore::lazyxform.LazyxformWarning")
+@pytest.mark.parametrize("fixture", FIXTURE_NAMES)
+def test_rules_run_together_give_each_rules_own_bits(fixture):
+    """A batch runs rules that share a `many` (INT4 repacks, scale conversions) in a few launches;
+    the result must be what each rule's own function gives."""
+    ck = lazyxform.open(FIXTURES / fixture, device="cpu")
+    tensors = load_tensors(FIXTURES / fixture)
+    one_by_one = {n: t for g in ck.plan.groups for n, t in g.run({i: tensors[i] for i in g.inputs}).items()}
+    together = [p for p in rewrite(ck.plan, tensors.items(), ck.device, batch_bytes=1 << 40) if p[0] in one_by_one]
+    assert any(r.many for g in ck.plan.groups for r in g.rules) or fixture.startswith(("fp8", "mx", "w4a8_mx", "nvfp4_svd"))
+    assert sorted(n for n, _ in together) == sorted(one_by_one)
+    for name, tensor in together:
+        want = one_by_one[name]
+        assert tensor.dtype == want.dtype and tensor.shape == want.shape, name
+        assert torch.equal(tensor.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
+
+
+def test_int4_repacks_run_together_for_mixed_widths_and_experts():
+    from lazyxform.ops.int4 import int4_rows_to_ct_packed_many, int4_rows_to_ct_packed_torch
+
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4, 16), (3, 2, 16), (8, 40), (1, 16), (5, 40)]
+    xs = [torch.randint(0, 256, s, dtype=torch.uint8, generator=g) for s in shapes]
+    for x, got in zip(xs, int4_rows_to_ct_packed_many(xs), strict=True):
+        assert torch.equal(got, int4_rows_to_ct_packed_torch(x)), x.shape
+
+
+def test_a_scale_the_model_dtype_cannot_hold_is_refused(tmp_path):
+    """fp32 70000 is a valid scale, but becomes inf in a float16 model's weight_scale."""
+    ckpt = copy_fixture("int4_awq", tmp_path)
+    edit_json(ckpt / "config.json", lambda c: c.update(torch_dtype="float16", dtype="float16"))
+
+    def edit(t):
+        s = t["model.layers.0.self_attn.q_proj.weight_scale"].clone()
+        s[3, 0] = 70000.0
+        t["model.layers.0.self_attn.q_proj.weight_scale"] = s
+
+    rewrite_tensors(ckpt, edit)
+    ck = lazyxform.open(ckpt, device="cpu")
+    for batch_bytes in (0, 1 << 40):
+        with pytest.raises(lazyxform.BadScaleError, match=r"q_proj\.weight_scale: 1 of .* index \[3, 0\]: inf"):
+            list(rewrite(ck.plan, load_tensors(ckpt).items(), ck.device, batch_bytes=batch_bytes))
 
 
 def poison_scale(tmp_path, fixture: str, name: str, index: int | tuple[int, ...], value: float):

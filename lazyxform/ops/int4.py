@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .pack import pack_int32_cols
@@ -22,6 +24,23 @@ def int4_rows_to_ct_packed(packed_rows: torch.Tensor) -> torch.Tensor:
         else:
             return int4_rows_to_ct_packed_triton(packed_rows)
     return int4_rows_to_ct_packed_torch(packed_rows)
+
+
+def int4_rows_to_ct_packed_many(packed_rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`int4_rows_to_ct_packed` of each tensor, in one kernel per distinct column count and device.
+    The repack is row-local, so tensors with equal columns are stacked along their rows, repacked
+    at once and split back: the results are views of one buffer."""
+    out: list[torch.Tensor] = list(packed_rows)
+    kinds: dict[tuple[int, torch.device], list[int]] = {}
+    for i, t in enumerate(packed_rows):
+        kinds.setdefault((t.shape[-1], t.device), []).append(i)
+    for (cols, _), idx in kinds.items():
+        parts = [packed_rows[i].reshape(-1, cols) for i in idx]
+        stacked = int4_rows_to_ct_packed(torch.cat(parts) if len(parts) > 1 else parts[0])
+        for i, piece in zip(idx, stacked.split([2 * p.shape[0] for p in parts]), strict=True):
+            t = packed_rows[i]
+            out[i] = piece.view(*t.shape[:-2], 2 * t.shape[-2], piece.shape[-1])
+    return out
 
 
 def int4_rows_to_ct_packed_torch(packed_rows: torch.Tensor) -> torch.Tensor:

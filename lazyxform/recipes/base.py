@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from compressed_tensors.quantization import QuantizationArgs
 from ..checks import require, require_positive_finite
 from ..errors import BadScaleError, InconsistentScalesError, LazyxformWarning, MissingTensorError, TensorMismatchError
 from ..modelopt import AlgoConfig
-from ..plan import Rule, Tensors
+from ..ops.pack import converted
+from ..plan import Many, Rule, Tensors
 from ..shards import TensorInfo
 
 PQS = "pre_quant_scale"  # AWQ / SmoothQuant / SVDQuant activation multiplier, [in]
@@ -213,12 +215,26 @@ def scale_rule(
     inputs = (src,) if row_factor is None else (src, row_factor)
 
     def fn(t: Tensors) -> dict[str, torch.Tensor]:
-        check_scale(src, t[src])
         if row_factor is None:  # layouts only move values: no fp32 round trip (each is a kernel launch)
-            return {dst: layout(t[src]).to(dtype)}
+            value = t[src].to(dtype)
+            check_scale(src, value)  # after the rounding: also refuses a scale that `dtype` cannot hold
+            return {dst: layout(value)}
+        check_scale(src, t[src])
         check_scale(row_factor, t[row_factor])
         return {dst: row_scaled(layout(t[src].float()), t[row_factor]).to(dtype)}
 
     if row_factor is not None:
-        label += f", rows x {row_factor}"
-    return Rule(label, inputs, (dst,), fn)
+        return Rule(f"{label}, rows x {row_factor}", inputs, (dst,), fn)
+    return Rule(label, inputs, (dst,), fn, converted_together(dtype))
+
+
+@functools.cache
+def converted_together(dtype: torch.dtype) -> Many:
+    """`many` of the scale rules that only re-lay out and convert: one conversion for all their
+    sources, then each rule's own function (its conversion is then a no-op)."""
+
+    def many(work: Sequence[tuple[Rule, Tensors]]) -> list[dict[str, torch.Tensor]]:
+        sources = converted([t[r.inputs[0]] for r, t in work], dtype)
+        return [r.fn({r.inputs[0]: s}) for (r, _), s in zip(work, sources, strict=True)]
+
+    return many

@@ -10,12 +10,14 @@ bit for some x, which is the only difference from ModelOpt's product (2^-23 rela
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from compressed_tensors.quantization import preset_name_to_scheme
 
+from ..checks import require, require_positive_finite
 from ..errors import UnsupportedAlgoError
 from ..modelopt import AlgoConfig
 from ..ops.fp4 import e2m1_to_float, reciprocal_global_scale, split_block_scales
@@ -56,7 +58,32 @@ def global_scale_rule(members: Sequence[Module], src: str, dst: str) -> Rule:
         divisor = reciprocal_global_scale(shared)
         return {o: divisor.clone() for o in outs}
 
-    return Rule(f"{src} -> {dst} = 1 / {src} as [1], equal across fused siblings", names, outs, fn)
+    return Rule(f"{src} -> {dst} = 1 / {src} as [1], equal across fused siblings", names, outs, fn, global_scales_together)
+
+
+def global_scales_together(work: Sequence[tuple[Rule, Tensors]]) -> list[dict[str, torch.Tensor]]:
+    """Every global-scale rule of a batch in a few launches: all the scalars in one vector, checked
+    and inverted at once. Should a check fail, each rule's own function names the culprit."""
+    scalars = torch.stack([t[n].reshape(()) for r, t in work for n in r.inputs])
+    first = []  # per scalar: where the first sibling of its fused set sits
+    for r, _ in work:
+        first += [len(first)] * len(r.inputs)
+    index = torch.tensor(first).to(scalars.device, non_blocking=True)
+
+    def name_the_culprit() -> None:
+        for r, t in work:
+            r.fn(t)
+
+        raise AssertionError("the batched global-scale check failed where every rule's own check passes")
+
+    require_positive_finite(scalars, name_the_culprit)
+    require((scalars == scalars[index]).all(), name_the_culprit)
+    divisors = torch.reciprocal(scalars.float())
+    out, at = [], 0
+    for r, _ in work:
+        out.append({o: divisors[at : at + 1] for o in r.outputs})
+        at += len(r.inputs)
+    return out
 
 
 class Nvfp4Recipe(Recipe):
@@ -94,13 +121,13 @@ class Nvfp4Recipe(Recipe):
 
     def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
         parts = self.expect_weight(m) // CT_BLOCK
-        label = "weight_scale: float8_e4m3fn, unchanged"
-        if parts > 1:
+        scale = m.key("weight_scale")
+        if parts == 1:
+            scales = scale_rule("weight_scale: float8_e4m3fn, unchanged", scale, scale, lambda s: s, dtype=FP8)
+        else:
             label = f"weight_scale: each block scale repeated x{parts} for 16-column blocks (exact)"
-        return [
-            renamed(m.key("weight"), m.key("weight_packed")),
-            scale_rule(label, m.key("weight_scale"), m.key("weight_scale"), lambda s: split_block_scales(s, parts), dtype=FP8),
-        ]
+            scales = scale_rule(label, scale, scale, functools.partial(split_block_scales, parts=parts), dtype=FP8)
+        return [renamed(m.key("weight"), m.key("weight_packed")), scales]
 
     def fused_rules(self, members: Sequence[Module]) -> list[Rule]:
         return [

@@ -14,8 +14,8 @@ from compressed_tensors.quantization import QuantizationArgs
 
 from ..errors import UnsupportedAlgoError
 from ..modelopt import AlgoConfig
-from ..ops.int4 import int4_rows_to_ct_packed
-from ..ops.pack import shape_tensor
+from ..ops.int4 import int4_rows_to_ct_packed, int4_rows_to_ct_packed_many
+from ..ops.pack import shape_tensor, shape_tensors
 from ..plan import Rule, Tensors
 from .base import Module, Recipe, Target, block_count, checked_and_dropped, expect, scale_rule
 from .fp8 import fp8_args
@@ -27,6 +27,13 @@ def int4_group_weights(cfg: AlgoConfig) -> QuantizationArgs:
     if cfg.has_zero_point:
         raise UnsupportedAlgoError(f"quant_algo {cfg.algo} with has_zero_point: true (asymmetric INT4) is not supported")
     return QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=cfg.group_size or DEFAULT_GROUP, dynamic=False)
+
+
+def repack_many(work: Sequence[tuple[Rule, Tensors]]) -> list[dict[str, torch.Tensor]]:
+    """The repack rules of a batch: one kernel per weight width, one copy for all the weight_shapes."""
+    packed = int4_rows_to_ct_packed_many([t[r.inputs[0]] for r, t in work])
+    shapes = shape_tensors([(p.shape[-2], p.shape[-1] * 8) for p in packed], packed[0].device)
+    return [{r.outputs[0]: p, r.outputs[1]: s} for (r, _), p, s in zip(work, packed, shapes, strict=True)]
 
 
 class Int4AwqRecipe(Recipe):
@@ -52,7 +59,7 @@ class Int4AwqRecipe(Recipe):
 
         dtype = str(m.model_dtype).removeprefix("torch.")
         return [
-            Rule("weight uint8 [out/2, in] (2 rows per byte) -> weight_packed int32 [out, in/8] + weight_shape", (w,), (packed, shape), repack),
+            Rule("weight uint8 [out/2, in] (2 rows per byte) -> weight_packed int32 [out, in/8] + weight_shape", (w,), (packed, shape), repack, repack_many),
             scale_rule(f"weight_scale: float32 -> {dtype}", m.key("weight_scale"), m.key("weight_scale"), lambda s: s, dtype=m.model_dtype, row_factor=row_factor),
         ]
 
