@@ -27,12 +27,22 @@ INT4_GROUP = 128
 ActQuant = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
+# Mixtral checkpoints name what transformers' Mixtral calls mlp.gate and mlp.experts.*.{gate,up,down}_proj.
+MIXTRAL_NAMES = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+
+
 def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             out.update({k: st.get_tensor(k) for k in st.keys()})
     return out
+
+
+def transformers_name(name: str) -> str:
+    for checkpoint_part, module_part in MIXTRAL_NAMES.items():
+        name = name.replace(checkpoint_part, module_part)
+    return name
 
 
 def read_algos(ckpt: Path) -> tuple[str, str | None]:
@@ -88,7 +98,7 @@ class Reference:
         quantize_kv_cache: bool = True,
     ) -> None:
         algo, kv_algo = read_algos(ckpt)
-        tensors = read_tensors(ckpt)
+        tensors = {transformers_name(k): v for k, v in read_tensors(ckpt).items()}
         config_dict = json.loads((ckpt / "config.json").read_text())
         config_dict.pop("quantization_config", None)
         config = AutoConfig.for_model(**config_dict)
@@ -184,5 +194,5 @@ class Experts(nn.Module):
             gate = self._input(x, "gate_proj") @ w["gate_proj"].T
             up = self._input(x, "up_proj") @ w["up_proj"].T
             y = self._input(self.act_fn(gate) * up, "down_proj") @ w["down_proj"].T
-            out.index_add_(0, token, y * top_k_weights[token, slot, None])
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out

