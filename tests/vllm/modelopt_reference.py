@@ -1,6 +1,6 @@
 """A dense reference of a ModelOpt checkpoint's function, for the vLLM tests.
 
-Built from ModelOpt's formulas only (shared/docs/modelopt-export-format.md, sections 3 and 4),
+Built from ModelOpt 0.47's export formulas only (the dequantization of its HF export),
 read straight from the safetensors files: no lazyxform, no vLLM. Every quantized Linear gets its
 dequantized weight, `pre_quant_scale` multiplies its input (a forward pre-hook), and, for
 activation-quantized algos, its input is fake-quantized as ModelOpt's input quantizer does. An FP8
