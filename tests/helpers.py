@@ -1,4 +1,4 @@
-"""Building variants of the bundled fixtures in a temporary directory."""
+"""Building variants of the bundled fixtures in a temporary directory; comparing tensors bit for bit."""
 
 from __future__ import annotations
 
@@ -61,3 +61,8 @@ def rename_tensors(ckpt: Path, renames: list[tuple[str, str]]) -> None:
             t[new] = t.pop(k)
 
     rewrite_tensors(ckpt, edit)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (unlike torch.equal, NaN equals NaN and -0.0 differs from 0.0)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import copy_fixture, shard_checkpoint
+from helpers import copy_fixture, same_bits, shard_checkpoint
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import FIXTURES
@@ -30,8 +30,7 @@ def read_each(order: list[TensorInfo]) -> list[tuple[str, torch.Tensor]]:
 def assert_same(got: list[tuple[str, torch.Tensor]], want: list[tuple[str, torch.Tensor]]) -> None:
     assert [n for n, _ in got] == [n for n, _ in want]
     for (name, a), (_, b) in zip(got, want, strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), name
+        assert same_bits(a, b), name
 
 
 @pytest.mark.parametrize(

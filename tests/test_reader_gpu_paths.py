@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import copy_fixture, edit_json, rewrite_tensors
+from helpers import copy_fixture, edit_json, rewrite_tensors, same_bits
 from reference import FIXTURES, load_tensors
 
 import lazyxform
@@ -31,9 +31,7 @@ def test_batched_rewrite_equals_one_group_at_a_time(fixture):
     batched = list(rewrite(ck.plan, pairs, ck.device, batch_bytes=100_000))
     assert len(batched) == len(eager) == len(dict(batched))
     for name, tensor in batched:
-        want = eager[name]
-        assert tensor.dtype == want.dtype and tensor.shape == want.shape, name
-        assert torch.equal(tensor.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
+        assert same_bits(tensor, eager[name]), name
 
 
 @pytest.mark.filterwarnings("ignore::lazyxform.LazyxformWarning")
@@ -48,9 +46,7 @@ def test_rules_run_together_give_each_rules_own_bits(fixture):
     assert any(r.many for g in ck.plan.groups for r in g.rules) or fixture.startswith(("fp8", "mx", "w4a8_mx", "nvfp4_svd"))
     assert sorted(n for n, _ in together) == sorted(one_by_one)
     for name, tensor in together:
-        want = one_by_one[name]
-        assert tensor.dtype == want.dtype and tensor.shape == want.shape, name
-        assert torch.equal(tensor.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
+        assert same_bits(tensor, one_by_one[name]), name
 
 
 def test_int4_repacks_run_together_for_mixed_widths_and_experts():

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import safe_open
+from recipe_reference import int4_values
+from reference import load_tensors
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -31,14 +32,6 @@ ActQuant = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 MIXTRAL_NAMES = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
 
 
-def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
-
-
 def transformers_name(name: str) -> str:
     for checkpoint_part, module_part in MIXTRAL_NAMES.items():
         name = name.replace(checkpoint_part, module_part)
@@ -50,14 +43,6 @@ def read_algos(ckpt: Path) -> tuple[str, str | None]:
     return q["quant_algo"].upper(), q.get("kv_cache_quant_algo")
 
 
-def int4_rows(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [out/2, in]: low nibble = even output row, high = odd, signed two's complement."""
-    q = torch.empty(packed.shape[0] * 2, packed.shape[1], dtype=torch.int64)
-    q[0::2] = (packed & 0x0F).long()
-    q[1::2] = (packed >> 4).long()
-    return torch.where(q >= 8, q - 16, q)
-
-
 def dequantize(algo: str, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     """W (float32) from a module's `weight` and `weight_scale`."""
     if algo == "FP8":
@@ -65,7 +50,7 @@ def dequantize(algo: str, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     if algo in ("FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "W8A16"):
         return w.float() * ws.float()[:, None]
     if algo in ("W4A16_AWQ", "W4A8_AWQ"):
-        return int4_rows(w).float() * ws.float().repeat_interleave(INT4_GROUP, dim=1)
+        return int4_values(w).float() * ws.float().repeat_interleave(INT4_GROUP, dim=1)
     raise NotImplementedError(algo)
 
 
@@ -98,7 +83,7 @@ class Reference:
         quantize_kv_cache: bool = True,
     ) -> None:
         algo, kv_algo = read_algos(ckpt)
-        tensors = {transformers_name(k): v for k, v in read_tensors(ckpt).items()}
+        tensors = {transformers_name(k): v for k, v in load_tensors(ckpt).items()}
         config_dict = json.loads((ckpt / "config.json").read_text())
         config_dict.pop("quantization_config", None)
         config = AutoConfig.for_model(**config_dict)

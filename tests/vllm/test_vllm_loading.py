@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import shard_checkpoint
 from tiny_tokenizer import write_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 from vllm_support import (
@@ -19,7 +20,6 @@ from vllm_support import (
     engine,
     prompt_logprobs,
     quantization,
-    shard,
     within,
 )
 
@@ -55,7 +55,7 @@ def test_sharded_checkpoint_read_out_of_order(
     in different shards."""
     ckpt = tmp_path / "int4_awq"
     shutil.copytree(checkpoint("int4_awq"), ckpt)
-    shard(ckpt, 3)
+    shard_checkpoint(ckpt, 3)
     extra = {"enable_multithread_load": True, "num_threads": 3}
     with engine(ckpt, model_loader_extra_config=extra) as llm:
         assert quantization(llm) == "lazyxform"

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import vllm.model_executor.model_loader.base_loader as base_loader
-from modelopt_reference import dequantize, read_tensors
+from modelopt_reference import dequantize
+from reference import load_tensors
 from vllm_support import cpu_fp8_ops, engine
 
 NAME = "qwen3moe_fp8"
@@ -44,7 +45,7 @@ def loaded(checkpoint: Callable[[str], Path]) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def modelopt(checkpoint: Callable[[str], Path]) -> dict[str, torch.Tensor]:
-    return read_tensors(checkpoint(NAME))
+    return load_tensors(checkpoint(NAME))
 
 
 def one(params: dict[str, torch.Tensor], prefix: str, suffix: str) -> torch.Tensor:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from modelopt_reference import Reference
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tiny_tokenizer import write_tokenizer
 from vllm import LLM, SamplingParams
 
@@ -28,7 +26,6 @@ AMX_TILES = torch.cpu._is_amx_tile_supported  # the real probe, for the test tha
 torch.cpu._is_amx_tile_supported = lambda: False
 PORTABLE_KERNELS = Path(__file__).parent / "portable_kernels"
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "modelopt"
 ROUTE_ENV = "LAZYXFORM_VLLM_ROUTE"  # what lazyxform_vllm reads; spelled out so a rename breaks the tests
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -42,10 +39,7 @@ VOCAB = 1024  # every bundled fixture's vocab_size
 def copy_fixture(name: str, root: Path) -> Path:
     """A copy of a bundled fixture plus a tokenizer (files are copied: lazyxform refuses files that
     resolve outside the checkpoint directory, as a symlink would)."""
-    out = root / name
-    shutil.copytree(FIXTURES / name, out)
-    for f in out.iterdir():
-        f.chmod(0o644)
+    out = helpers.copy_fixture(name, root)
     write_tokenizer(out)
     return out
 
@@ -56,21 +50,6 @@ def drop_flat_quantization_config(ckpt: Path) -> None:
     config = json.loads(path.read_text())
     del config["quantization_config"]
     path.write_text(json.dumps(config, indent=2))
-
-
-def shard(ckpt: Path, n_shards: int) -> None:
-    """Re-save as n safetensors shards with an index, tensors dealt round-robin so a weight and its
-    scales sit in different shards."""
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in sorted(f.keys())}
-    (ckpt / "model.safetensors").unlink()
-    weight_map = {}
-    for i in range(n_shards):
-        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        part = {k: v.contiguous() for j, (k, v) in enumerate(tensors.items()) if j % n_shards == i}
-        save_file(part, str(ckpt / name))
-        weight_map.update(dict.fromkeys(part, name))
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 @contextmanager
