@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,13 +11,18 @@ from typing import Any
 import torch
 
 from . import profile
+from .errors import NotAModelOptCheckpoint
 from .fallback import Fallback
 from .modelopt import ModelOptConfig, read_modelopt_config
 from .plan import Plan
-from .planner import build_plan
+from .planner import plan_and_config
 from .reader import Reader
 from .shards import ShardReader, TensorInfo, index_checkpoint
 from .stream import rewrite
+
+
+class CheckpointNotFoundError(NotAModelOptCheckpoint):
+    """The checkpoint path does not exist (a subclass of NotAModelOptCheckpoint, which it used to be reported as)."""
 
 
 def default_device() -> torch.device:
@@ -34,15 +40,28 @@ class Checkpoint:
         staging_bytes: int | None = None,
     ) -> None:
         self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointNotFoundError(f"{self.path}: path does not exist")
         self.device = torch.device(device) if device is not None else default_device()
         self.staging_bytes = staging_bytes
         self.modelopt_config: ModelOptConfig
         self.modelopt_config, raw_config = read_modelopt_config(self.path)
         tensors = index_checkpoint(self.path)
         self.plan: Plan
-        self.plan, self.quantization_config = build_plan(self.modelopt_config, tensors, raw_config, fallback)
-        self.hf_config: dict[str, Any] = copy.deepcopy(raw_config)
-        self.hf_config["quantization_config"] = copy.deepcopy(self.quantization_config)
+        self.plan, self._build_config = plan_and_config(self.modelopt_config, tensors, raw_config, fallback)
+        self._raw_config = raw_config
+
+    @functools.cached_property
+    def quantization_config(self) -> dict[str, Any]:
+        """The compressed-tensors quantization_config; built on first use (it imports compressed-tensors)."""
+        return self._build_config()
+
+    @functools.cached_property
+    def hf_config(self) -> dict[str, Any]:
+        """config.json as the engine should see it: quantization_config replaced by the compressed-tensors one."""
+        hf_config = copy.deepcopy(self._raw_config)
+        hf_config["quantization_config"] = copy.deepcopy(self.quantization_config)
+        return hf_config
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every output tensor, reading the checkpoint in file order. On a GPU, reads, copies and

@@ -1,6 +1,9 @@
 """`lazyxform inspect CKPT [--json]`: what the plan does to every module, without reading weights.
 `lazyxform profile CKPT [--device cuda]`: load it and report where the time and memory go."""
 
+# Start-up: only the standard library and lazyxform.errors load at module level, so `--help` and
+# `--version` need neither torch nor compressed-tensors; each command imports what it uses.
+
 from __future__ import annotations
 
 import argparse
@@ -9,11 +12,13 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .checkpoint import open as open_checkpoint
+from . import version
 from .errors import LazyxformError
-from .plan import Plan
-from .profile import Profiler, checkpoint_bytes
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 NUMBERED = re.compile(r"\.(\d+)\.")
 
@@ -49,6 +54,7 @@ def plan_table(plan: Plan) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lazyxform", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="show the rewrite plan of a ModelOpt checkpoint")
     inspect.add_argument("checkpoint")
@@ -63,10 +69,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "profile":
             return profile_load(args)
-        ck = open_checkpoint(args.checkpoint, device="cpu")
+        return inspect_plan(args)
     except LazyxformError as e:
         print(f"lazyxform: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+
+
+def inspect_plan(args: argparse.Namespace) -> int:
+    from .checkpoint import open as open_checkpoint
+
+    ck = open_checkpoint(args.checkpoint, device="cpu")
     if args.json:
         print(json.dumps({"plan": ck.plan.to_json(), "quantization_config": ck.quantization_config}, indent=2))
     else:
@@ -75,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def profile_load(args: argparse.Namespace) -> int:
+    from .checkpoint import open as open_checkpoint
+    from .profile import Profiler, checkpoint_bytes
+
     staging = args.staging_mib << 20 if args.staging_mib else None
     ck = open_checkpoint(args.checkpoint, device=args.device, staging_bytes=staging)
     prof = Profiler(ck.device, checkpoint_bytes(ck), progress=not args.no_progress, label=ck.path.name)

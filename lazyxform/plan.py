@@ -16,6 +16,7 @@ import torch
 from .shards import TensorInfo
 
 Tensors = Mapping[str, torch.Tensor]
+REPR_ROWS = 5  # modules (and warnings) a Plan's repr lists before "... and N more"
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,11 @@ class Rule:
     label: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    fn: Callable[[Tensors], dict[str, torch.Tensor]]
+    fn: Callable[[Tensors], dict[str, torch.Tensor]] = field(repr=False)
     # `fn` of many rules at once, with the same bits in a few kernel launches instead of a few per
     # rule. When the stream runs groups in batches (GPU loads), rules holding the same `many` run
     # through it together: a load is bound by the host time of launching small kernels.
-    many: Many | None = None
+    many: Many | None = field(default=None, repr=False)
 
 
 Many = Callable[[Sequence[tuple[Rule, Tensors]]], list[dict[str, torch.Tensor]]]
@@ -44,6 +45,9 @@ class Group:
     @property
     def outputs(self) -> tuple[str, ...]:
         return tuple(n for r in self.rules for n in r.outputs)
+
+    def __repr__(self) -> str:
+        return f"Group(rules={[r.label for r in self.rules]}, inputs={list(self.inputs)}, outputs={list(self.outputs)})"
 
     def run(self, tensors: Tensors) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -85,6 +89,36 @@ class Plan:
     runtime_pre_quant_scale: list[str]
     tensors: dict[str, TensorInfo]
     warnings: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        """A summary of a few lines; `to_json()` has everything."""
+
+        def count(n: int, noun: str) -> str:
+            return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+        def some(names: Sequence[str], shown: int = 3) -> str:
+            return ", ".join(names[:shown]) + (f", ... and {len(names) - shown} more" if len(names) > shown else "")
+
+        def clip(text: str, width: int = 200) -> str:
+            return text if len(text) <= width else text[: width - 3] + "..."
+
+        lines = [
+            f"Plan({count(len(self.modules), 'quantized module')}, {count(len(self.groups), 'tensor group')}, "
+            f"{count(len(self.passthrough), 'passthrough tensor')}, "
+            f"{count(len(self.runtime_pre_quant_scale), 'runtime pre_quant_scale module')}, "
+            f"{count(len(self.tensors), 'checkpoint tensor')}, {count(len(self.warnings), 'warning')})"
+        ]
+        lines += [f"  {m.name}: {m.algo} -> {m.scheme} ({m.target})" for m in self.modules[:REPR_ROWS]]
+        if len(self.modules) > REPR_ROWS:
+            lines.append(f"  ... and {len(self.modules) - REPR_ROWS} more modules")
+        if self.passthrough:
+            lines.append(f"  passthrough: {some(self.passthrough)}")
+        if self.runtime_pre_quant_scale:
+            lines.append(f"  runtime pre_quant_scale: {some(self.runtime_pre_quant_scale)}")
+        lines += [f"  warning: {clip(w)}" for w in self.warnings[:REPR_ROWS]]
+        if len(self.warnings) > REPR_ROWS:
+            lines.append(f"  ... and {len(self.warnings) - REPR_ROWS} more warnings")
+        return "\n".join(lines)
 
     def group_of(self) -> dict[str, Group]:
         return {name: g for g in self.groups for name in g.inputs}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
 from .errors import ConfigError, LazyxformWarning, MissingTensorError, UnexpectedTensorError
 from .fallback import Fallback, plan_dense_fallback
@@ -14,6 +14,7 @@ from .modelopt import ModelOptConfig, fnmatch_regex_source
 from .plan import ModulePlan, Plan, Rule, coalesce
 from .prequant import PQS, plan_pre_quant
 from .recipes import Module, Recipe, Target, recipe_for
+from .recipes.base import Args
 from .recipes.kv import KV_SCALE, kv_cache_args, kv_scale_rules
 from .shards import TensorInfo
 
@@ -35,6 +36,15 @@ def model_dtype(hf_config: dict[str, Any]) -> torch.dtype:
 def build_plan(
     cfg: ModelOptConfig, tensors: dict[str, TensorInfo], hf_config: dict[str, Any], fallback: Fallback = "dequantize"
 ) -> tuple[Plan, dict[str, Any]]:
+    plan, config = plan_and_config(cfg, tensors, hf_config, fallback)
+    return plan, config()
+
+
+def plan_and_config(
+    cfg: ModelOptConfig, tensors: dict[str, TensorInfo], hf_config: dict[str, Any], fallback: Fallback = "dequantize"
+) -> tuple[Plan, Callable[[], dict[str, Any]]]:
+    """The plan, and a function that builds the compressed-tensors config: only it imports
+    compressed-tensors (seconds), which `lazyxform inspect` without --json never needs."""
     dtype = model_dtype(hf_config)
     modules = _quantized_modules(cfg, tensors, dtype)
     dense = plan_dense_fallback(modules, fallback, dtype)
@@ -77,8 +87,13 @@ def build_plan(
     if dense.warning:
         plan.warnings.append(dense.warning)
         warnings.warn(dense.warning, LazyxformWarning, stacklevel=4)  # the caller of lazyxform.open
-    qc = _compressed_tensors_config(cfg, modules, targets, group_names, tensors, sorted(dense.modules))
-    return plan, qc
+    kv_args = kv_cache_args(cfg.kv_cache_algo) if cfg.kv_cache_algo else None  # refuses an unknown one now
+    ignore = _ignore_list(cfg, modules, tensors) + sorted(dense.modules)
+
+    def config() -> dict[str, Any]:
+        return _compressed_tensors_config(targets, group_names, ignore, kv_args)
+
+    return plan, config
 
 
 def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtype: torch.dtype) -> dict[str, tuple[Module, Recipe]]:
@@ -133,7 +148,7 @@ def _fused_scale_sets(modules: dict[str, tuple[Module, Recipe]]) -> list[list[tu
 
 def describe_target(t: Target) -> str:
     def args(a: Any) -> str:
-        detail = {"group": f" g{a.group_size}", "tensor_group": f" g{a.group_size}", "block": f" {a.block_structure}"}.get(a.strategy, "")
+        detail = {"group": f" g{a.group_size}", "tensor_group": f" g{a.group_size}", "block": f" {list(a.block_structure or ())}"}.get(a.strategy, "")
         return f"{a.type}{a.num_bits} {a.strategy}{detail}{' dynamic' if a.dynamic else ''}"
 
     acts = args(t.input_activations) if t.input_activations else "none"
@@ -141,22 +156,18 @@ def describe_target(t: Target) -> str:
 
 
 def _config_group_names(targets: dict[str, Target]) -> dict[str, str]:
-    keys: dict[str, str] = {}
+    keys: dict[Target, str] = {}
     names: dict[str, str] = {}
     for module, target in targets.items():
-        key = repr((target.weights.model_dump(), target.input_activations and target.input_activations.model_dump(), target.format))
-        names[module] = keys.setdefault(key, f"group_{len(keys)}")
+        names[module] = keys.setdefault(target, f"group_{len(keys)}")
     return names
 
 
 def _compressed_tensors_config(
-    cfg: ModelOptConfig,
-    modules: dict[str, tuple[Module, Recipe]],
-    targets: dict[str, Target],
-    group_names: dict[str, str],
-    tensors: dict[str, TensorInfo],
-    dequantized: list[str],
+    targets: dict[str, Target], group_names: dict[str, str], ignore: list[str], kv_args: Args | None
 ) -> dict[str, Any]:
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
     members: dict[str, list[str]] = {}
     for module, group in group_names.items():
         members.setdefault(group, []).append(module)
@@ -166,8 +177,8 @@ def _compressed_tensors_config(
         t = targets[names[0]]
         config_groups[group] = QuantizationScheme(
             targets=["Linear"] if single else names,
-            weights=t.weights,
-            input_activations=t.input_activations,
+            weights=t.weights.resolve(),
+            input_activations=t.input_activations and t.input_activations.resolve(),
             format=t.format,
         )
     formats = sorted({targets[n[0]].format for n in members.values()})
@@ -177,8 +188,8 @@ def _compressed_tensors_config(
         config_groups=config_groups,
         format=fmt,
         quantization_status="compressed",
-        ignore=_ignore_list(cfg, modules, tensors) + dequantized,
-        kv_cache_scheme=kv_cache_args(cfg.kv_cache_algo) if cfg.kv_cache_algo else None,
+        ignore=ignore,
+        kv_cache_scheme=kv_args and kv_args.resolve(),
     )
     return qc.model_dump(mode="json", exclude_none=True)
 

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
+import warnings
 
+import pytest
 from reference import FIXTURES
+
+import lazyxform
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -33,3 +38,100 @@ def test_inspect_reports_a_typed_error_and_exit_code(tmp_path):
     res = run("inspect", str(tmp_path))
     assert res.returncode == 2
     assert "NotAModelOptCheckpoint" in res.stderr
+
+
+# Start-up: `--help` and `--version` must not load the heavy dependencies. Checked through
+# sys.modules in a fresh interpreter, not by timing.
+HEAVY = ("torch", "compressed_tensors", "transformers", "triton", "matplotlib", "numpy", "safetensors")
+LOADED_AFTER = """
+import sys
+from lazyxform.cli import main
+try:
+    main([{arg!r}])
+except SystemExit as e:
+    assert e.code == 0, e.code
+print(sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy!r})))
+"""
+
+
+@pytest.mark.parametrize("arg", ["--help", "--version"])
+def test_help_and_version_load_neither_torch_nor_compressed_tensors(arg):
+    res = subprocess.run([sys.executable, "-c", LOADED_AFTER.format(arg=arg, heavy=HEAVY)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "[]", res.stdout
+
+
+def test_help_exits_0_and_names_the_commands():
+    res = run("--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: lazyxform")
+    assert "inspect" in res.stdout and "profile" in res.stdout and "--version" in res.stdout
+
+
+def test_version_prints_the_package_version():
+    res = run("--version")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"lazyxform {importlib.metadata.version('lazyxform')}"
+    assert lazyxform.__version__ == importlib.metadata.version("lazyxform")
+
+
+def test_inspect_of_a_missing_path_says_it_does_not_exist(tmp_path):
+    missing = tmp_path / "no" / "such" / "dir"
+    res = run("inspect", str(missing))
+    assert res.returncode == 2
+    assert res.stdout == ""
+    assert res.stderr.splitlines() == [f"lazyxform: CheckpointNotFoundError: {missing}: path does not exist"]
+
+
+def test_open_of_a_missing_path_raises_the_typed_error(tmp_path):
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(lazyxform.CheckpointNotFoundError, match="does not exist") as info:
+        lazyxform.open(missing)
+    assert str(missing) in str(info.value)
+    # Still what a missing path was reported as before it had its own class.
+    assert isinstance(info.value, lazyxform.NotAModelOptCheckpoint) and isinstance(info.value, lazyxform.LazyxformError)
+
+
+def test_public_api_resolves_through_the_lazy_package():
+    code = (
+        "import lazyxform\n"
+        "assert 'torch' not in __import__('sys').modules\n"
+        "names = [lazyxform.open, lazyxform.Checkpoint, lazyxform.is_modelopt_checkpoint, lazyxform.read_modelopt_config,"
+        " lazyxform.read_modelopt_algos, lazyxform.CheckpointNotFoundError, lazyxform.profile.maybe_profile]\n"
+        "from lazyxform import *\n"
+        "assert set(lazyxform.__all__) <= set(dir(lazyxform))\n"
+        "assert not hasattr(lazyxform, 'no_such_name')\n"
+        f"print(sorted(lazyxform.read_modelopt_algos({str(FIXTURES / 'int8_sq')!r})))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "['W8A8_SQ_PER_CHANNEL']"
+
+
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir()))
+def test_plan_repr_is_a_short_summary(fixture):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lazyxform.LazyxformWarning)
+        plan = lazyxform.open(FIXTURES / fixture, device="cpu").plan
+    text = repr(plan)
+    lines = text.splitlines()
+    assert len(lines) <= 40 and max(map(len, lines)) <= 400, text
+    assert f"{len(plan.modules)} quantized module" in lines[0]
+    assert f"{len(plan.groups)} tensor group" in lines[0]
+    assert plan.modules[0].name in text
+    if len(plan.modules) > 5:
+        assert f"... and {len(plan.modules) - 5} more modules" in text
+    assert all(len(repr(g)) < 2000 and "function" not in repr(g) for g in plan.groups)
+
+
+def test_inspect_table_does_not_load_compressed_tensors():
+    code = (
+        "import io, sys, contextlib\n"
+        "from lazyxform.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    assert main(['inspect', {str(FIXTURES / 'qwen3moe_fp8')!r}]) == 0\n"
+        "print('compressed_tensors' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "False False"

@@ -104,3 +104,39 @@ def test_flat_nvfp4_kv_cache_scheme_string_is_understood(tmp_path):
     ckpt = copy_fixture("nvfp4_kv_nvfp4", tmp_path)
     (ckpt / "hf_quant_config.json").unlink()  # config.json alone: kv_cache_scheme is the string "NVFP4"
     assert lazyxform.open(ckpt, device="cpu").quantization_config == lazyxform.open(FIXTURES / "nvfp4_kv_nvfp4", device="cpu").quantization_config
+
+
+def test_light_args_describe_and_resolve_to_compressed_tensors_args():
+    """Planning holds recipes.base.Args instead of QuantizationArgs (no compressed-tensors import);
+    they must describe the presets truthfully and group modules exactly as the real args would."""
+    from itertools import product
+
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    from lazyxform.modelopt import AlgoConfig
+    from lazyxform.planner import describe_target
+    from lazyxform.recipes import ALL_RECIPES
+    from lazyxform.recipes.base import PRESETS, WEIGHT_ONLY_PRESETS, Target
+    from lazyxform.recipes.kv import kv_cache_args
+
+    for (name, role), args in PRESETS.items():
+        real = getattr(preset_name_to_scheme(name, ["Linear"]), role)
+        assert args.resolve() == real
+        for f in ("num_bits", "type", "strategy", "group_size", "dynamic", "symmetric"):
+            assert str(getattr(real, f).value if hasattr(getattr(real, f), "value") else getattr(real, f)) == str(getattr(args, f)), (name, role, f)
+    for name in WEIGHT_ONLY_PRESETS:
+        assert preset_name_to_scheme(name, ["Linear"]).input_activations is None
+    targets = [r.target(AlgoConfig(a, g)) for r in ALL_RECIPES for a in r.algos for g in (None, 64, 128)]
+    targets = [t for t in targets if t is not None]
+    for algo in ("FP8", "NVFP4"):
+        targets.append(Target(kv_cache_args(algo), None, "kv"))
+
+    def real_key(t: Target) -> str:
+        acts = t.input_activations.resolve().model_dump() if t.input_activations else None
+        return repr((t.weights.resolve().model_dump(), acts, t.format))
+
+    for a, b in product(targets, repeat=2):
+        assert (a == b) == (real_key(a) == real_key(b)), (a, b)
+    for t in targets:
+        real = Target(t.weights.resolve(), t.input_activations and t.input_activations.resolve(), t.format)
+        assert describe_target(t) == describe_target(real)

@@ -6,10 +6,9 @@ import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs
 
 from ..checks import require, require_positive_finite
 from ..errors import BadScaleError, InconsistentScalesError, LazyxformWarning, MissingTensorError, TensorMismatchError
@@ -17,6 +16,9 @@ from ..modelopt import AlgoConfig
 from ..ops.pack import converted
 from ..plan import Many, Rule, Tensors
 from ..shards import TensorInfo
+
+if TYPE_CHECKING:
+    from compressed_tensors.quantization import QuantizationArgs
 
 PQS = "pre_quant_scale"  # AWQ / SmoothQuant / SVDQuant activation multiplier, [in]
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -45,11 +47,68 @@ class Module:
 
 
 @dataclass(frozen=True)
+class Args:
+    """compressed-tensors QuantizationArgs, held as the fields that define them so that planning (and
+    `lazyxform inspect`) does not import compressed-tensors, which takes seconds (it imports
+    transformers). `resolve()` builds the real object when the config is built. `preset` names
+    compressed-tensors' own preset args (name, "weights" | "input_activations"), taken as they are;
+    the fields then only describe them (tests check they agree)."""
+
+    num_bits: int
+    type: str
+    strategy: str
+    dynamic: bool | str = False
+    group_size: int | None = None
+    block_structure: tuple[int, ...] | None = None
+    symmetric: bool = True
+    preset: tuple[str, str] | None = None
+
+    def resolve(self) -> QuantizationArgs:
+        if self.preset is not None:
+            from compressed_tensors.quantization import preset_name_to_scheme
+
+            name, role = self.preset
+            return getattr(preset_name_to_scheme(name, ["Linear"]), role)
+        from compressed_tensors.quantization import QuantizationArgs
+
+        extra: dict[str, Any] = {}
+        if self.group_size is not None:
+            extra["group_size"] = self.group_size
+        if self.block_structure is not None:
+            extra["block_structure"] = list(self.block_structure)
+        return QuantizationArgs(
+            num_bits=self.num_bits, type=self.type, symmetric=self.symmetric, strategy=self.strategy, dynamic=self.dynamic, **extra
+        )
+
+
+# compressed-tensors presets the recipes use, described by the fields describe_target shows.
+_NVFP4 = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}
+_MX = {"type": "float", "strategy": "group", "group_size": 32}
+PRESETS: dict[tuple[str, str], Args] = {
+    ("NVFP4", "weights"): Args(**_NVFP4, preset=("NVFP4", "weights")),
+    ("NVFP4", "input_activations"): Args(**_NVFP4, dynamic="local", preset=("NVFP4", "input_activations")),
+    ("NVFP4A16", "weights"): Args(**_NVFP4, preset=("NVFP4A16", "weights")),
+    ("MXFP4", "weights"): Args(num_bits=4, **_MX, preset=("MXFP4", "weights")),
+    ("MXFP4", "input_activations"): Args(num_bits=4, **_MX, dynamic=True, preset=("MXFP4", "input_activations")),
+    ("MXFP8", "weights"): Args(num_bits=8, **_MX, preset=("MXFP8", "weights")),
+    ("MXFP8", "input_activations"): Args(num_bits=8, **_MX, dynamic=True, preset=("MXFP8", "input_activations")),
+}
+# Presets without input activations (weight-only).
+WEIGHT_ONLY_PRESETS = ("NVFP4A16",)
+
+
+def preset_target(name: str, fmt: str) -> Target:
+    """compressed-tensors' preset scheme `name` with format `fmt`."""
+    acts = None if name in WEIGHT_ONLY_PRESETS else PRESETS[name, "input_activations"]
+    return Target(PRESETS[name, "weights"], acts, fmt)
+
+
+@dataclass(frozen=True)
 class Target:
     """The compressed-tensors scheme a recipe produces (targets are filled in by the config builder)."""
 
-    weights: QuantizationArgs
-    input_activations: QuantizationArgs | None
+    weights: Args
+    input_activations: Args | None
     format: str
 
 

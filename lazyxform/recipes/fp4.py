@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
-from compressed_tensors.quantization import preset_name_to_scheme
 
 from ..checks import require, require_positive_finite
 from ..errors import UnsupportedAlgoError
@@ -33,6 +32,7 @@ from .base import (
     check_scale,
     dropped_input_scales,
     expect,
+    preset_target,
     renamed,
     scale_rule,
 )
@@ -102,8 +102,7 @@ class Nvfp4Recipe(Recipe):
         return True
 
     def target(self, cfg: AlgoConfig) -> Target | None:
-        scheme = preset_name_to_scheme(self.preset, ["Linear"])
-        return Target(scheme.weights, scheme.input_activations, "nvfp4-pack-quantized")
+        return preset_target(self.preset, "nvfp4-pack-quantized")
 
     def block(self, m: Module) -> int:
         block = m.cfg.group_size or self.default_block

@@ -5,19 +5,20 @@ Weights are stored as compressed-tensors expects already; only scale layouts cha
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from compressed_tensors.quantization import QuantizationArgs
 
 from ..modelopt import AlgoConfig
 from ..plan import Rule
-from .base import Module, Recipe, Target, expect, passthrough, scale_rule
+from .base import Args, Module, Recipe, Target, expect, passthrough, scale_rule
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
 
 
-def fp8_args(strategy: str, dynamic: bool, **extra: object) -> QuantizationArgs:
-    return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy, dynamic=dynamic, **extra)
+def fp8_args(strategy: str, dynamic: bool, **extra: Any) -> Args:
+    return Args(num_bits=8, type="float", symmetric=True, strategy=strategy, dynamic=dynamic, **extra)
 
 
 class Fp8PerTensorRecipe(Recipe):
@@ -74,7 +75,7 @@ class Fp8BlockRecipe(Recipe):
 
     def target(self, cfg: AlgoConfig) -> Target:
         return Target(
-            fp8_args("block", False, block_structure=[BLOCK, BLOCK]),
+            fp8_args("block", False, block_structure=(BLOCK, BLOCK)),
             fp8_args("group", True, group_size=BLOCK),
             "float-quantized",
         )

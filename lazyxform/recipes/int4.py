@@ -10,23 +10,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs
 
 from ..errors import UnsupportedAlgoError
 from ..modelopt import AlgoConfig
 from ..ops.int4 import int4_rows_to_ct_packed, int4_rows_to_ct_packed_many
 from ..ops.pack import shape_tensor, shape_tensors
 from ..plan import Rule, Tensors
-from .base import Module, Recipe, Target, block_count, checked_and_dropped, expect, scale_rule
+from .base import Args, Module, Recipe, Target, block_count, checked_and_dropped, expect, scale_rule
 from .fp8 import fp8_args
 
 DEFAULT_GROUP = 128  # ModelOpt's INT4 block size when the config does not say
 
 
-def int4_group_weights(cfg: AlgoConfig) -> QuantizationArgs:
+def int4_group_weights(cfg: AlgoConfig) -> Args:
     if cfg.has_zero_point:
         raise UnsupportedAlgoError(f"quant_algo {cfg.algo} with has_zero_point: true (asymmetric INT4) is not supported")
-    return QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=cfg.group_size or DEFAULT_GROUP, dynamic=False)
+    return Args(num_bits=4, type="int", symmetric=True, strategy="group", group_size=cfg.group_size or DEFAULT_GROUP, dynamic=False)
 
 
 def repack_many(work: Sequence[tuple[Rule, Tensors]]) -> list[dict[str, torch.Tensor]]:

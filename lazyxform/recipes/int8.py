@@ -4,16 +4,15 @@ and INT8_SMOOTHQUANT) or weight-only (W8A16)."""
 from __future__ import annotations
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs
 
 from ..modelopt import AlgoConfig
 from ..ops.pack import pack_int32_cols, shape_tensor
 from ..plan import Rule, Tensors
-from .base import Module, Recipe, Target, expect, passthrough, scale_rule
+from .base import Args, Module, Recipe, Target, expect, passthrough, scale_rule
 
 
-def int8_channel_weights() -> QuantizationArgs:
-    return QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
+def int8_channel_weights() -> Args:
+    return Args(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
 
 
 def per_row_scale(m: Module, out: int, row_factor: str | None, dtype: torch.dtype) -> Rule:
@@ -37,7 +36,7 @@ class Int8SmoothQuantRecipe(Recipe):
     row_scalable = True
 
     def target(self, cfg: AlgoConfig) -> Target:
-        activations = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False)
+        activations = Args(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False)
         return Target(int8_channel_weights(), activations, "int-quantized")
 
     def rules(self, m: Module, row_factor: str | None) -> list[Rule]:

@@ -6,24 +6,23 @@ from __future__ import annotations
 import re
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs
 
 from ..errors import UnexpectedTensorError, UnsupportedAlgoError
 from ..plan import Rule
 from ..shards import TensorInfo
-from .base import expect, scale_rule
+from .base import Args, expect, scale_rule
 
 KV_SCALE = re.compile(r"^(?P<attn>.+?)\.(?:[kv]_proj\.)?(?P<kind>[kv])_scale$")
 
 
-def kv_cache_args(algo: str) -> QuantizationArgs:
+def kv_cache_args(algo: str) -> Args:
     """FP8: static per-tensor. NVFP4: FP4 in 16-element blocks with dynamic FP8 block scales, as
     compressed-tensors' NVFP4 activation preset; ModelOpt's k/v_scale are amax/448 for both
     (unified_export_hf.py), the per-tensor values vLLM's native ModelOpt path loads either way."""
     if algo == "FP8":
-        return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
+        return Args(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
     if algo == "NVFP4":
-        return QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16, dynamic="local")
+        return Args(num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16, dynamic="local")
     raise UnsupportedAlgoError(f"kv_cache_quant_algo {algo!r} is not supported (supported: FP8, NVFP4)")
 
 

@@ -8,13 +8,12 @@ weight is renamed. E8M0 255 is NaN and rejected; 0 is the valid 2^-127.
 from __future__ import annotations
 
 import torch
-from compressed_tensors.quantization import preset_name_to_scheme
 
 from ..checks import require
 from ..errors import BadScaleError, UnsupportedAlgoError
 from ..modelopt import AlgoConfig
 from ..plan import Rule, Tensors
-from .base import Module, Recipe, Target, block_count, expect, passthrough, renamed
+from .base import PRESETS, Module, Recipe, Target, block_count, expect, passthrough, preset_target, renamed
 from .fp8 import FP8, fp8_args
 
 MX_BLOCK = 32
@@ -46,8 +45,7 @@ class Mxfp8Recipe(Recipe):
     algos = ("MXFP8",)
 
     def target(self, cfg: AlgoConfig) -> Target | None:
-        scheme = preset_name_to_scheme("MXFP8", ["Linear"])
-        return Target(scheme.weights, scheme.input_activations, "mxfp8-quantized")
+        return preset_target("MXFP8", "mxfp8-quantized")
 
     def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
         out, inp = self.weight_shape(m)
@@ -62,8 +60,7 @@ class Mxfp4Recipe(Recipe):
     nibble_dim = 1
 
     def target(self, cfg: AlgoConfig) -> Target | None:
-        scheme = preset_name_to_scheme("MXFP4", ["Linear"])
-        return Target(scheme.weights, scheme.input_activations, "mxfp4-pack-quantized")
+        return preset_target("MXFP4", "mxfp4-pack-quantized")
 
     def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
         out, inp = self.weight_shape(m)
@@ -79,4 +76,4 @@ class W4A8Mxfp4Fp8Recipe(Mxfp4Recipe):
     algos = ("W4A8_MXFP4_FP8",)
 
     def target(self, cfg: AlgoConfig) -> Target | None:
-        return Target(preset_name_to_scheme("MXFP4", ["Linear"]).weights, fp8_args("token", True), "mxfp4-pack-quantized")
+        return Target(PRESETS["MXFP4", "weights"], fp8_args("token", True), "mxfp4-pack-quantized")
