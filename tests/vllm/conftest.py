@@ -14,13 +14,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
-from vllm_support import PORTABLE_KERNELS, copy_fixture  # noqa: E402
-
-
-@pytest.fixture
-def spawned_processes_use_portable_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Processes vllm-cpu spawns (tensor-parallel workers) make the kernel choice of vllm_support.py."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PORTABLE_KERNELS), os.environ.get("PYTHONPATH")])))
+from vllm_support import copy_fixture  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,32 +1,46 @@
 """A dense reference of a ModelOpt checkpoint's function, for the vLLM tests.
 
-Built from ModelOpt 0.47's export formulas only (the dequantization of its HF export),
-read straight from the safetensors files: no lazyxform, no vLLM. Every quantized Linear gets its
-dequantized weight, `pre_quant_scale` multiplies its input (a forward pre-hook), and, for
-activation-quantized algos, its input is fake-quantized as ModelOpt's input quantizer does. An FP8
-KV cache is fake-quantized with the exported k/v scales. The model itself is transformers' own
-implementation of the architecture in config.json, computed in float32.
+Built from ModelOpt 0.47's export formulas only (the dequantization of its HF export,
+shared/docs/modelopt-export-format.md, "the doc" below), read straight from the safetensors files:
+no lazyxform, no vLLM. Every quantized Linear gets its dequantized weight (the decoders of
+tests/reference.py and tests/recipe_reference.py), `pre_quant_scale` multiplies its input (a forward
+pre-hook), and, for activation-quantized algos, its input is fake-quantized as ModelOpt's input
+quantizer does at inference of the fake-quantized model. A quantized KV cache (FP8 or NVFP4) is
+fake-quantized with the exported k/v scales. The model itself is transformers' own implementation
+of the architecture in config.json, computed in `dtype` (float32 by default).
+
+Where ModelOpt's fake quant and the export disagree, the export wins: static scales are the
+exported `input_scale` / `k_scale` / `v_scale` (x / scale, rounded, times scale), not the amax
+they were computed from.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
-from recipe_reference import int4_values
-from reference import load_tensors
+from recipe_reference import SVD_A, SVD_B, algo_of, modelopt_weight
+from reference import load_tensors, modelopt_dequant
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 FP8_MAX = 448.0
+E2M1_MAX = 6.0
 INT8_MAX = 127.0
-INT4_GROUP = 128
+# E2M1 magnitudes and the midpoints between them (ModelOpt's e2m1_values / e2m1_bounds).
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 ActQuant = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
+# Weight formats decoded by tests/reference.py (float32) rather than recipe_reference.py (float64).
+FP32_DECODED = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "W8A8_SQ_PER_CHANNEL", "W8A16")
+# Tensors a quantized module exports besides its weight; none of them is a transformers parameter.
+QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale", SVD_A, SVD_B)
 
 # Mixtral checkpoints name what transformers' Mixtral calls mlp.gate and mlp.experts.*.{gate,up,down}_proj.
 MIXTRAL_NAMES = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
@@ -39,39 +53,202 @@ def transformers_name(name: str) -> str:
 
 
 def read_algos(ckpt: Path) -> tuple[str, str | None]:
+    """(quant_algo, kv_cache_quant_algo), upper-cased: ModelOpt writes some raw internal names
+    in lower case ("fp8_pb_wo", "mxfp4"; doc section 6, item 7)."""
     q = json.loads((ckpt / "hf_quant_config.json").read_text())["quantization"]
-    return q["quant_algo"].upper(), q.get("kv_cache_quant_algo")
+    kv = q.get("kv_cache_quant_algo")
+    return q["quant_algo"].upper(), kv.upper() if kv else None
 
 
-def dequantize(algo: str, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-    """W (float32) from a module's `weight` and `weight_scale`."""
-    if algo == "FP8":
-        return w.float() * ws.float()
-    if algo in ("FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "W8A16"):
-        return w.float() * ws.float()[:, None]
-    if algo in ("W4A16_AWQ", "W4A8_AWQ"):
-        return int4_values(w).float() * ws.float().repeat_interleave(INT4_GROUP, dim=1)
-    raise NotImplementedError(algo)
+def module_algos(ckpt: Path, modules: list[str]) -> dict[str, str]:
+    """Each quantized module's algo: the checkpoint's, or, for MIXED_PRECISION, the module's own
+    entry in `quantized_layers` (doc section 4, "Excluded layers")."""
+    q = json.loads((ckpt / "hf_quant_config.json").read_text())["quantization"]
+    if q["quant_algo"].upper() != "MIXED_PRECISION":
+        return {m: q["quant_algo"].upper() for m in modules}
+    layers = {transformers_name(k): v for k, v in q["quantized_layers"].items()}
+    return {m: layers[m]["quant_algo"].upper() for m in modules}
+
+
+def dequantize(algo: str, tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """The module's W in float32 (doc sections 3-4). NVFP4_SVD: W_res + B @ A, the whole weight."""
+    if algo in FP32_DECODED:
+        return modelopt_dequant(algo, tensors, module)
+    return modelopt_weight(algo_of(algo), tensors, module).float()
+
+
+# --- ModelOpt's quantizers, as functions of (x, exported scale) ----------------------------------
+# Each computes in float32 and returns x's dtype, as ModelOpt's fake-quant ops do.
+
+
+def fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 to E4M3, to nearest even, saturating at 448 (as CUDA's __nv_fp8_e4m3 and
+    Triton's satfinite conversion do; torch's own cast would give NaN above the range)."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+
+
+def e2m1(magnitude: torch.Tensor) -> torch.Tensor:
+    """Round |x| to the nearest E2M1 magnitude, ties to the even code, saturating at 6
+    (ModelOpt's round_to_even over e2m1_table_bounds; fp4_round_magnitude in its Triton kernel)."""
+    bounds = E2M1_BOUNDS.to(magnitude.device)
+    down = torch.bucketize(magnitude, bounds)  # a tie goes to the lower value
+    up = torch.bucketize(magnitude, bounds, right=True)  # a tie goes to the upper value
+    index = torch.where(down % 2 == 1, up, down)  # tie on bound i: lower value when i is even
+    return E2M1_VALUES.to(magnitude.device)[index]
 
 
 def fp8_round(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return ((x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+    """FP8 per-tensor with a static exported scale: fp8(x / scale) * scale."""
+    s = scale.float()
+    return (fp8_e4m3(x.float() / s) * s).to(x.dtype)
+
+
+def fp8_with_amax(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's FP8 fake quant from an amax (tensor_quant._fp8_eager): scale = 448 / amax; an
+    amax <= 2^-24 counts as 1."""
+    amax = amax.float()
+    scale = FP8_MAX / torch.where(amax <= 2.0**-24, torch.ones_like(amax), amax)
+    return (fp8_e4m3(x.float() * scale) * (1 / scale)).to(x.dtype)
+
+
+def fp8_per_token(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
+    """FP8_PER_CHANNEL_PER_TOKEN's input quantizer: block_sizes {-1: None}, dynamic, i.e. one amax
+    per token over the hidden dimension, computed on the fly."""
+    return fp8_with_amax(x, x.abs().amax(dim=-1, keepdim=True))
+
+
+def fp8_per_tensor_dynamic(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
+    """An FP8 per-tensor quantizer never calibrated (W4A8_MXFP4_FP8: algorithm None): ModelOpt
+    takes the amax of the whole input of each call (TensorQuantizer._get_amax, reduce over all axes)."""
+    return fp8_with_amax(x, x.abs().amax())
+
+
+def fp8_group128(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
+    """Not a ModelOpt input quantizer: FP8 dynamic per token-group of 128, what vLLM runs for
+    FP8_PB_WO (whose ModelOpt input quantizer is disabled); for `activation="fp8_group128"`."""
+    groups = x.reshape(*x.shape[:-1], -1, 128)
+    return fp8_with_amax(groups, groups.abs().amax(dim=-1, keepdim=True)).reshape(x.shape)
+
+
+def int8_round(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """INT8 per-tensor static: round-half-even(x / scale) clamped to [-128, 127] (narrow_range is
+    False by default), times scale; a zero scale (amax 0) gives zeros."""
+    s = scale.float()
+    if float(s) == 0:
+        return torch.zeros_like(x)
+    return ((x.float() / s).round().clamp(-INT8_MAX - 1, INT8_MAX) * s).to(x.dtype)
+
+
+def nvfp4_block(x: torch.Tensor, global_scale: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """NVFP4 fake quant with a static global scale and dynamic per-block E4M3 scales, as ModelOpt's
+    Triton kernel fp4_fake_quant_block / fp8_quantize_scale does it: block scale
+    fp8(min(block_amax / (6 * gs), 448)) * gs, replaced by 1 when below 1e-5; values rounded to E2M1."""
+    v = x.float().reshape(-1, block)
+    gs = global_scale.float()
+    gs = torch.where(gs > 0, gs, torch.full_like(gs, 1e-12))
+    block_amax = v.abs().amax(dim=-1, keepdim=True)
+    scale = fp8_e4m3(torch.clamp(block_amax / (E2M1_MAX * gs), max=FP8_MAX)) * gs
+    scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale))
+    q = e2m1(v.abs() / scale) * scale
+    return torch.where(v >= 0, q, -q).reshape(x.shape).to(x.dtype)
+
+
+def nvfp4_input(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 (W4A4) input quantizer: the exported input_scale = amax / (6 * 448) is exactly the
+    kernel's global scale (same float32 division)."""
+    return nvfp4_block(x, input_scale)
+
+
+def mx_block(x: torch.Tensor, element_max: float, cast: Callable[[torch.Tensor], torch.Tensor], block: int = 32) -> torch.Tensor:
+    """MX fake quant (ModelOpt's CUDA fused_amax_convert, compute_scale_e8m0_NV): per block of 32,
+    unscale = 2^ceil(log2(fp32(block_amax / element_max))), 1 for a zero block; |x| / unscale cast to
+    the element format."""
+    v = x.float().reshape(-1, block)
+    amax = v.abs().amax(dim=-1, keepdim=True)
+    mantissa, exponent = torch.frexp(amax / element_max)  # ratio = mantissa * 2^exponent, mantissa in [0.5, 1)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)  # a power of two is its own ceil
+    unscale = torch.where((amax == 0) | ~torch.isfinite(amax), 1.0, torch.ldexp(torch.ones_like(amax), exponent))
+    q = cast(v.abs() / unscale) * unscale
+    return torch.where(v >= 0, q, -q).reshape(x.shape).to(x.dtype)
+
+
+def mxfp8(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
+    return mx_block(x, FP8_MAX, fp8_e4m3)
+
+
+def mxfp4(x: torch.Tensor, _: torch.Tensor | None = None) -> torch.Tensor:
+    return mx_block(x, E2M1_MAX, e2m1)
+
+
+# Named input quantizers; the ones in STATIC read the module's exported input_scale.
+ACTIVATIONS: dict[str, ActQuant] = {
+    "fp8_tensor": fp8_round,
+    "fp8_token": fp8_per_token,
+    "fp8_tensor_dynamic": fp8_per_tensor_dynamic,
+    "fp8_group128": fp8_group128,
+    "int8_tensor": int8_round,
+    "nvfp4": nvfp4_input,
+    "mxfp8": mxfp8,
+    "mxfp4": mxfp4,
+}
+STATIC = {"fp8_tensor", "int8_tensor", "nvfp4"}
+# ModelOpt's input quantizer per algo (the *_CFG presets of modelopt 0.47: the `*input_quantizer`
+# entry, and `algorithm`, which decides whether an amax was calibrated). None: weight-only.
+ALGO_ACTIVATION: dict[str, str | None] = {
+    "FP8": "fp8_tensor",  # FP8_DEFAULT_CFG: e4m3, axis None, max calibration
+    "FP8_PER_CHANNEL_PER_TOKEN": "fp8_token",  # e4m3, block_sizes {-1: None}, type dynamic
+    "FP8_PB_WO": None,  # FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG: input quantizer disabled
+    "W8A8_SQ_PER_CHANNEL": "int8_tensor",  # INT8_DEFAULT / INT8_SMOOTHQUANT: 8 bits, axis None
+    "W8A16": None,
+    "W4A16_AWQ": None,  # INT4_AWQ_CFG, INT4_BLOCKWISE_WEIGHT_ONLY_CFG
+    "W4A8_AWQ": "fp8_tensor",  # W4A8_AWQ_BETA_CFG: e4m3 per tensor, awq_lite calibrates its amax
+    "NVFP4": "nvfp4",  # e2m1, block 16 dynamic, e4m3 scales; the static amax is the global scale
+    "NVFP4_AWQ": "nvfp4",
+    "NVFP4_SVD": "nvfp4",
+    "W4A16_NVFP4": None,
+    "W4A8_NVFP4_FP8": "fp8_tensor",  # e4m3 per tensor, max calibration
+    "MXFP8": "mxfp8",  # e4m3, block 32 dynamic, e8m0 scales
+    "MXFP4": "mxfp4",  # e2m1, block 32 dynamic, e8m0 scales
+    "W4A8_MXFP4_FP8": "fp8_tensor_dynamic",  # e4m3 per tensor, algorithm None: never calibrated
+}
 
 
 def activation_quantizer(algo: str) -> ActQuant | None:
     """ModelOpt's input quantizer of the algo, as a function of (x, exported input_scale)."""
-    if algo == "FP8":  # per-tensor, static
-        return lambda x, s: fp8_round(x, s)
-    if algo == "FP8_PER_CHANNEL_PER_TOKEN":  # per-token, dynamic
-        return lambda x, _: fp8_round(x, x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX)
-    if algo == "W8A8_SQ_PER_CHANNEL":  # per-tensor, static
-        return lambda x, s: ((x / s).round().clamp(-INT8_MAX - 1, INT8_MAX) * s).to(x.dtype)
-    return None  # weight-only
+    name = ALGO_ACTIVATION[algo]
+    return None if name is None else ACTIVATIONS[name]
+
+
+def kv_quantizer(kv_algo: str, scale: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ModelOpt's k/v_bmm_quantizer on K or V (after RoPE, before the GQA repeat). The export
+    writes amax / 448 for both formats (doc section 4, KV cache). NVFP4: the FP4 kernel over
+    16-element blocks of head_dim with the global scale amax / (6 * 448)."""
+    if kv_algo == "FP8":
+        return lambda t: fp8_round(t, scale)
+    if kv_algo == "NVFP4":
+        global_scale = (scale.float() * FP8_MAX) / (E2M1_MAX * FP8_MAX)
+        return lambda t: nvfp4_block(t, global_scale)
+    raise NotImplementedError(kv_algo)
+
+
+def _kv_quantized_attention(module: nn.Module, query, key, value, *args, **kwargs):
+    """transformers' eager attention of the module's architecture, K and V fake-quantized with the
+    quantizers stored on the attention module (so several References can coexist)."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    quant_k, quant_v = module.reference_kv_quantizers
+    return eager(module, query, quant_k(key), quant_v(value), *args, **kwargs)
+
+
+transformers.AttentionInterface.register("modelopt_kv_reference", _kv_quantized_attention)
 
 
 class Reference:
     """The function a ModelOpt checkpoint encodes, computed in `dtype`. `logprobs(ids)`: [len, vocab]
-    float32, row i the distribution of token i + 1."""
+    float32, row i the distribution of token i + 1.
+
+    `activation` names an entry of ACTIVATIONS to use on every quantized Linear instead of
+    ModelOpt's own input quantizer of the algo, for an engine that quantizes otherwise (e.g.
+    "fp8_token": vLLM's W4A8_AWQ and W4A8_MXFP4_FP8 schemes quantize per token, dynamically)."""
 
     def __init__(
         self,
@@ -81,67 +258,92 @@ class Reference:
         pre_quant_scale: bool = True,
         quantize_activations: bool = True,
         quantize_kv_cache: bool = True,
+        activation: str | None = None,
     ) -> None:
-        algo, kv_algo = read_algos(ckpt)
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        ckpt = Path(ckpt)
+        _, kv_algo = read_algos(ckpt)
         tensors = {transformers_name(k): v for k, v in load_tensors(ckpt).items()}
         config_dict = json.loads((ckpt / "config.json").read_text())
         config_dict.pop("quantization_config", None)
         config = AutoConfig.for_model(**config_dict)
         config._attn_implementation = "eager"
         self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        act = activation_quantizer(algo) if quantize_activations else None
         modules = sorted(k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale"))
-        dense = {k: v.to(dtype) for k, v in tensors.items() if not k.startswith(tuple(m + "." for m in modules))}
-        dense = {k: v for k, v in dense.items() if not k.endswith(("k_scale", "v_scale"))}
-        experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+        self.algos = algos = module_algos(ckpt, modules)  # quantized module (transformers name) -> algo
+        quantized = {f"{m}.weight" for m in modules} | {k for k in tensors if k.endswith(QUANT_SUFFIXES)}
+        dense = {k: v.to(dtype) for k, v in tensors.items() if k not in quantized}
+        experts: dict[str, dict[int, dict[str, torch.Tensor | None]]] = {}
+        expert_act: dict[str, ActQuant | None] = {}
+        low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        hooks: dict[str, tuple[torch.Tensor | None, ActQuant | None, torch.Tensor | None]] = {}
         for m in modules:
-            w = dequantize(algo, tensors[f"{m}.weight"], tensors[f"{m}.weight_scale"]).to(dtype)
+            algo = algos[m]
+            act = None
+            if quantize_activations:
+                name = activation if activation is not None else ALGO_ACTIVATION[algo]
+                act = None if name is None else ACTIVATIONS[name]
+                if name in STATIC and f"{m}.input_scale" not in tensors:
+                    raise ValueError(f"{m}: the {name} input quantizer needs an exported input_scale")
             pqs = tensors.get(f"{m}.pre_quant_scale") if pre_quant_scale else None
             scale = tensors.get(f"{m}.input_scale")
+            if algo == "NVFP4_SVD":
+                # SVDQuantLinear: y = input_quantizer(x') @ W_res^T + (x' @ A^T) @ B^T, x' = x * pqs.
+                w = modelopt_weight("NVFP4", tensors, m).to(dtype)
+                low_rank[m] = (tensors[f"{m}.{SVD_A}"].to(dtype), tensors[f"{m}.{SVD_B}"].to(dtype))
+            else:
+                w = dequantize(algo, tensors, m).to(dtype)
             if ".experts." in m:
-                block, e, proj = m.rsplit(".", 2)[0].rsplit(".", 1)[0], int(m.rsplit(".", 2)[1]), m.rsplit(".", 1)[1]
+                block, e, proj = m.rsplit(".", 3)[0], int(m.rsplit(".", 2)[1]), m.rsplit(".", 1)[1]
+                if pqs is not None or m in low_rank:
+                    raise NotImplementedError(f"{m}: expert pre_quant_scale / low-rank term")
                 experts.setdefault(block, {}).setdefault(e, {})[proj] = w
                 experts[block][e][proj + ".input_scale"] = scale
-                if pqs is not None:
-                    raise NotImplementedError(f"{m}: expert pre_quant_scale")
+                expert_act[block] = act
                 continue
             dense[f"{m}.weight"] = w
-            module = self.model.get_submodule(m)
-            if pqs is not None:
-                module.register_forward_pre_hook(_scale_input(pqs.to(dtype)))
-            if act is not None:
-                module.register_forward_pre_hook(_quantize_input(act, scale))
-        for block, by_expert in experts.items():
-            self._load_experts(block, by_expert, act)
+            hooks[m] = (None if pqs is None else pqs.to(dtype), act, scale)
         missing, unexpected = self.model.load_state_dict(dense, strict=False)
         missing = [k for k in missing if ".experts." not in k]
         assert not missing and not unexpected, (missing, unexpected)
+        for m, (pqs, act, scale) in hooks.items():
+            self._hook(m, pqs, act, scale, low_rank.get(m))
+        for block, by_expert in experts.items():
+            parent = self.model.get_submodule(block)
+            parent.experts = Experts([by_expert[e] for e in sorted(by_expert)], parent.experts.act_fn, expert_act[block])
         if kv_algo is not None and quantize_kv_cache:
             self._quantize_kv_cache(kv_algo, tensors)
 
-    def _load_experts(self, block: str, by_expert: dict[int, dict[str, torch.Tensor]], act: ActQuant | None) -> None:
-        parent = self.model.get_submodule(block)
-        parent.experts = Experts([by_expert[e] for e in sorted(by_expert)], parent.experts.act_fn, act)
+    def _hook(
+        self,
+        m: str,
+        pqs: torch.Tensor | None,
+        act: ActQuant | None,
+        scale: torch.Tensor | None,
+        low_rank: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        """pre_quant_scale, then the input quantizer, in front of the module (ModelOpt's
+        TensorQuantizer.forward multiplies by pre_quant_scale before quantizing)."""
+        linear = self.model.get_submodule(m)
+        outer = linear
+        if low_rank is not None:
+            outer = LowRank(linear, *low_rank)
+            parent, leaf = m.rsplit(".", 1)
+            setattr(self.model.get_submodule(parent), leaf, outer)
+        if pqs is not None:
+            outer.register_forward_pre_hook(lambda module, args: (args[0] * pqs,))
+        if act is not None:
+            linear.register_forward_pre_hook(lambda module, args: (act(args[0], scale),))
 
     def _quantize_kv_cache(self, kv_algo: str, tensors: dict[str, torch.Tensor]) -> None:
-        """K and V (after RoPE) rounded to FP8 with the exported per-tensor k/v scales."""
-        if kv_algo.upper() != "FP8":
-            raise NotImplementedError(kv_algo)
-        eager = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        scales = {
-            i: (
-                tensors[f"model.layers.{i}.self_attn.k_proj.k_scale"],
-                tensors[f"model.layers.{i}.self_attn.v_proj.v_scale"],
+        for i, layer in enumerate(self.model.model.layers):
+            attn = layer.self_attn
+            attn.reference_kv_quantizers = (
+                kv_quantizer(kv_algo, tensors[f"model.layers.{i}.self_attn.k_proj.k_scale"]),
+                kv_quantizer(kv_algo, tensors[f"model.layers.{i}.self_attn.v_proj.v_scale"]),
             )
-            for i in range(self.model.config.num_hidden_layers)
-        }
-
-        def attention(module, query, key, value, *args, **kwargs):
-            k_scale, v_scale = scales[module.layer_idx]
-            return eager(module, query, fp8_round(key, k_scale), fp8_round(value, v_scale), *args, **kwargs)
-
-        transformers.AttentionInterface.register("fp8_kv_reference", attention)
-        self.model.set_attn_implementation("fp8_kv_reference")
+        self.model.set_attn_implementation("modelopt_kv_reference")
 
     @torch.no_grad()
     def logprobs(self, ids: list[int]) -> torch.Tensor:
@@ -149,20 +351,27 @@ class Reference:
         return torch.log_softmax(logits, dim=-1)
 
 
-def _scale_input(pqs: torch.Tensor):
-    return lambda module, args: (args[0] * pqs,)
+class LowRank(nn.Module):
+    """An NVFP4_SVD Linear: the residual NVFP4 Linear (which carries the input quantizer) plus the
+    low-rank term on the unquantized input, as ModelOpt's SVDQuantLinear.forward computes it."""
 
+    def __init__(self, linear: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = linear
+        self.a = a  # [rank, in]
+        self.b = b  # [out, rank]
 
-def _quantize_input(act: ActQuant, scale: torch.Tensor | None):
-    return lambda module, args: (act(args[0], scale),)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + F.linear(F.linear(x, self.a), self.b)
 
 
 class Experts(nn.Module):
     """Stands in for transformers' fused experts module (same call): each expert is
     down(act(gate(x)) * up(x)), with ModelOpt's input quantizer before each projection. One input
-    quantizer per projection type serves every expert of a layer (section 3, MoE)."""
+    quantizer per projection type serves every expert of a layer (doc section 3, MoE), so expert
+    0's input_scale is everyone's."""
 
-    def __init__(self, experts: list[dict[str, torch.Tensor]], act_fn: nn.Module, act: ActQuant | None) -> None:
+    def __init__(self, experts: list[dict[str, torch.Tensor | None]], act_fn: nn.Module, act: ActQuant | None) -> None:
         super().__init__()
         self.experts = experts
         self.act_fn = act_fn

