@@ -56,3 +56,12 @@ def ct_decompress(quantization_config: dict, module: str, out: dict[str, torch.T
     compressor = BaseCompressor.get_value_from_registry(group.get("format") or quantization_config["format"])
     local = {n: out[f"{module}.{n}"] for n in compressor.compression_param_names(scheme) if f"{module}.{n}" in out}
     return compressor.decompress(local, scheme)["weight"]
+
+
+def folded_row_factor(module: str, orig: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The pre_quant_scale of the module reading this module's output rows, when the stream dropped
+    it: folded into these rows."""
+    parent, leaf = module.rsplit(".", 1)
+    consumer = {"up_proj": "down_proj", "w3": "w2", "v_proj": "o_proj"}.get(leaf)
+    key = f"{parent}.{consumer}.pre_quant_scale"
+    return orig[key] if consumer and key in orig and key not in out else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import copy_fixture, edit_json, rewrite_tensors
+from helpers import copy_fixture, edit_json, rewrite_tensors, tensors_of
 
 import lazyxform
 
@@ -91,4 +91,10 @@ def test_differing_fused_activation_scales_merge_to_max_with_a_warning(tmp_path)
     rewrite_tensors(ckpt, lambda t: t.update({"model.layers.0.self_attn.k_proj.input_scale": t["model.layers.0.self_attn.k_proj.input_scale"] * 2}))
     with pytest.warns(lazyxform.LazyxformWarning, match=r"fused .*q_proj\.input_scale.*k_proj\.input_scale.*using their max"):
         out = dict(lazyxform.open(ckpt, device="cpu"))
-    assert out["model.layers.0.self_attn.q_proj.input_scale"].item() == out["model.layers.0.self_attn.k_proj.input_scale"].item()
+    # Every member carries the largest of the exported scales, not the smallest or its own.
+    exported = tensors_of("fp8")
+    scales = {m: exported[f"model.layers.0.self_attn.{m}.input_scale"].item() for m in ("q_proj", "k_proj", "v_proj")}
+    scales["k_proj"] *= 2
+    assert len(set(scales.values())) > 1
+    for member in scales:
+        assert out[f"model.layers.0.self_attn.{member}.input_scale"].item() == max(scales.values()), member

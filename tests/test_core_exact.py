@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import FIXTURES, ct_decompress, hf_quant_algo, load_tensors, modelopt_dequant, quantized_modules
+from reference import (
+    FIXTURES,
+    ct_decompress,
+    folded_row_factor,
+    hf_quant_algo,
+    load_tensors,
+    modelopt_dequant,
+    quantized_modules,
+)
 
 import lazyxform
 
@@ -38,14 +46,6 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) 
     assert excess.max() <= 0, f"{what}: exceeds rel {rel} by {excess.max()} (max abs diff {(got - want).abs().max()})"
 
 
-def row_factor_of(module: str, orig: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The pqs of the module whose input is this module's output rows, if the stream dropped it (folded)."""
-    parent, leaf = module.rsplit(".", 1)
-    consumer = {"up_proj": "down_proj", "w3": "w2", "v_proj": "o_proj"}.get(leaf)
-    key = f"{parent}.{consumer}.pre_quant_scale"
-    return orig[key] if consumer and key in orig and key not in out else None
-
-
 def test_every_module_matches_modelopt_formula_and_ct_decompressor(case):
     ck, orig, out, algo = case
     modules = quantized_modules(orig)
@@ -53,13 +53,15 @@ def test_every_module_matches_modelopt_formula_and_ct_decompressor(case):
     for module in modules:
         want = modelopt_dequant(algo, orig, module)
         rel = WEIGHT_BOUND.get(algo, 0.0)
-        factor = row_factor_of(module, orig, out)
+        factor = folded_row_factor(module, orig, out)
         if factor is not None:
             want = want * factor.float()[:, None]
             rel = max(rel, ROW_FOLD_BOUND)
         got = ct_decompress(ck.quantization_config, module, out).float()
         assert got.shape == want.shape, module
         assert_within(got, want, rel, module)
+        if algo == "W8A16":  # WNA16 holds its scales in the model dtype (vLLM allocates them so)
+            assert out[f"{module}.weight_scale"].dtype == torch.bfloat16, module
 
 
 def test_activation_scales_are_modelopts_merged_over_fused_siblings(case):
@@ -119,7 +121,7 @@ def test_smoothquant_folds_keep_the_effective_linear_maps():
                 m = f"{layer}.{c}"
                 assert f"{m}.pre_quant_scale" not in out
                 w = modelopt_dequant("W8A8_SQ_PER_CHANNEL", orig, m)
-                factor = row_factor_of(m, orig, out)  # up_proj's rows also carry down_proj's pqs
+                factor = folded_row_factor(m, orig, out)  # up_proj's rows also carry down_proj's pqs
                 w = w if factor is None else w * factor.float()[:, None]
                 x = rms(h) * g * orig[f"{m}.pre_quant_scale"].float()
                 got = (rms(h) * g_out) @ ct_decompress(qc, m, out).float().T

@@ -9,7 +9,15 @@ import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from recipe_reference import BOUND, ROW_FOLD_EXTRA, assert_within, modelopt_weight
-from reference import FIXTURES, ct_decompress, hf_quant_algo, load_tensors, modelopt_dequant, quantized_modules
+from reference import (
+    FIXTURES,
+    ct_decompress,
+    folded_row_factor,
+    hf_quant_algo,
+    load_tensors,
+    modelopt_dequant,
+    quantized_modules,
+)
 
 import lazyxform
 from lazyxform_vllm import portable
@@ -18,15 +26,6 @@ from lazyxform_vllm import portable
 DECODED = sorted(p.name for p in FIXTURES.iterdir() if p.name != "nvfp4_svdquant")
 FP32_FORMULAS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "W8A8_SQ_PER_CHANNEL", "W8A16")
 EXACT_IN_FP32 = {"FP8": 0.0, "FP8_PER_CHANNEL_PER_TOKEN": 0.0, "FP8_PB_WO": 0.0, "W8A8_SQ_PER_CHANNEL": 0.0, "W8A16": 2**-8}
-
-
-def row_factor(module: str, orig: dict, out: dict) -> torch.Tensor | None:
-    """The pre_quant_scale of the module reading this module's output rows, when the stream folded
-    it into these rows (and no longer carries it)."""
-    parent, leaf = module.rsplit(".", 1)
-    consumer = {"up_proj": "down_proj", "w3": "w2", "v_proj": "o_proj"}.get(leaf)
-    key = f"{parent}.{consumer}.pre_quant_scale"
-    return orig[key] if consumer and key in orig and key not in out else None
 
 
 def scheme_of(quantization_config: dict, module: str) -> portable.Scheme:
@@ -53,7 +52,7 @@ def test_decoded_weights_are_the_checkpoints(name: str) -> None:
         got = portable.decode_weight(scheme, {n: out[f"{module}.{n}"] for n in names}, [rows])
         assert got.dtype == torch.float32
         rel = EXACT_IN_FP32.get(algo, BOUND.get(algo))
-        factor = row_factor(module, orig, out)
+        factor = folded_row_factor(module, orig, out)
         if factor is not None:
             want = want * factor.double()[:, None]
             rel += ROW_FOLD_EXTRA

@@ -86,10 +86,6 @@ class Scheme:
     def __str__(self) -> str:
         return f"{self.format} W {describe(self.weights)}, A {describe(self.activations) if self.activations else 'unquantized'}"
 
-    @property
-    def values_per_byte(self) -> int:
-        return 2 if self.format in ("nvfp4-pack-quantized", "mxfp4-pack-quantized") else 1
-
 
 def describe(args: QuantizationArgs) -> str:
     strategy = args.strategy.value if hasattr(args.strategy, "value") else str(args.strategy)
@@ -135,13 +131,15 @@ def announce(kind: str, scheme: Scheme) -> None:
     if (kind, str(scheme)) in ANNOUNCED:
         return
     ANNOUNCED.add((kind, str(scheme)))
+    if mode() == "portable":
+        logger.info("lazyxform: %s=portable: lazyxform's portable PyTorch kernel runs %s %s layers", MODE_ENV, scheme, kind)
+        return
     logger.info(
         "lazyxform: vLLM has no kernel on this CPU computing %s %s layers exactly; lazyxform's portable PyTorch "
-        "kernel runs them (%s=%s)",
+        "kernel runs them (%s=auto)",
         scheme,
         kind,
         MODE_ENV,
-        mode(),
     )
 
 
