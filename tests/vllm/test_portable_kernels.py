@@ -111,6 +111,11 @@ def test_fp8_and_int8_inputs() -> None:
     int8 = scheme("int-quantized", args(num_bits=8, type="int", strategy="tensor"))
     got = portable.quantize_input(int8, x, {"input_scale": torch.tensor([0.5])})
     assert got.tolist() == [[1.0, -3.0, 0.0], [63.5, 2.0, -0.0]]  # 100 / 0.5 = 200 clamps to 127
+    int8_token = scheme("int-quantized", args(num_bits=8, type="int", strategy="token", dynamic=True))
+    got = portable.quantize_input(int8_token, x, {})
+    step = 3 / 127  # row 0's scale: amax 3 maps to 127; 1.0 -> 42.33 steps -> 42, 0.1 -> 4.23 -> 4
+    assert got[0].tolist() == pytest.approx([42 * step, -3.0, 4 * step])
+    assert got[1, 0] == 100.0 and got[1, 2] == 0.0  # row 1: scale 100/127; -0.01 rounds to 0
     group = scheme("float-quantized", args(num_bits=8, type="float", strategy="group", group_size=128, dynamic=True))
     wide = torch.cat([torch.full((1, 128), 1.0), torch.full((1, 128), 300.0)], dim=1)
     assert torch.equal(portable.quantize_input(group, wide, {}), wide)  # one scale per 128-column group
