@@ -66,7 +66,11 @@ def test_every_module_matches_modelopt_formula_and_ct_decompressor(case):
 
 def test_activation_scales_are_modelopts_merged_over_fused_siblings(case):
     ck, orig, out, algo = case
-    for name in [k for k in orig if k.endswith(".input_scale")]:
+    names = [k for k in orig if k.endswith(".input_scale")]
+    groups = ck.quantization_config["config_groups"].values()
+    static = [g for g in groups if g.get("input_activations") and not g["input_activations"]["dynamic"]]
+    assert bool(names) == bool(static), "static activation scales exported iff the target has static inputs"
+    for name in names:
         parent, leaf = name.removesuffix(".input_scale").rsplit(".", 1)
         family = next((f for f in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")) if leaf in f), (leaf,))
         siblings = torch.stack([orig[f"{parent}.{x}.input_scale"] for x in family])
@@ -99,6 +103,9 @@ def test_kv_cache_scales_move_to_the_attention_unchanged(case):
     if kv:
         expected = {"strategy": "tensor", "symmetric": True, "num_bits": 8, "type": "float", "dynamic": False}
         assert expected.items() <= ck.quantization_config["kv_cache_scheme"].items()
+    else:  # no KV-cache quantization: neither a scheme nor stray scales
+        assert ck.quantization_config.get("kv_cache_scheme") is None
+        assert not [k for k in out if k.endswith(("k_scale", "v_scale"))]
 
 
 def rms(h: torch.Tensor) -> torch.Tensor:
