@@ -146,13 +146,15 @@ def _fused_scale_sets(modules: dict[str, tuple[Module, Recipe]]) -> list[list[tu
     return sets
 
 
-def describe_target(t: Target) -> str:
-    def args(a: Any) -> str:
-        detail = {"group": f" g{a.group_size}", "tensor_group": f" g{a.group_size}", "block": f" {list(a.block_structure or ())}"}.get(a.strategy, "")
-        return f"{a.type}{a.num_bits} {a.strategy}{detail}{' dynamic' if a.dynamic else ''}"
+def describe_args(a: Any) -> str:
+    """Quantization args (lazyxform's Args or compressed-tensors' QuantizationArgs) in a few words."""
+    detail = {"group": f" g{a.group_size}", "tensor_group": f" g{a.group_size}", "block": f" {list(a.block_structure or ())}"}.get(a.strategy, "")
+    return f"{a.type}{a.num_bits} {a.strategy}{detail}{' dynamic' if a.dynamic else ''}"
 
-    acts = args(t.input_activations) if t.input_activations else "none"
-    return f"{t.format}: W {args(t.weights)}, A {acts}"
+
+def describe_target(t: Target) -> str:
+    acts = describe_args(t.input_activations) if t.input_activations else "none"
+    return f"{t.format}: W {describe_args(t.weights)}, A {acts}"
 
 
 def _config_group_names(targets: dict[str, Target]) -> dict[str, str]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-from recipe_reference import BOUND, ROW_FOLD_EXTRA, assert_within, modelopt_weight
+from modelopt_reference import FP32_DECODED
+from recipe_reference import BOUND, ROW_FOLD_EXTRA, algo_of, assert_within, modelopt_weight
 from reference import (
     FIXTURES,
     ct_decompress,
@@ -24,7 +25,6 @@ from lazyxform_vllm import portable
 
 # Fixtures with one compressed-tensors scheme for every quantized Linear (NVFP4_SVD is dense).
 DECODED = sorted(p.name for p in FIXTURES.iterdir() if p.name != "nvfp4_svdquant")
-FP32_FORMULAS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "W8A8_SQ_PER_CHANNEL", "W8A16")
 EXACT_IN_FP32 = {"FP8": 0.0, "FP8_PER_CHANNEL_PER_TOKEN": 0.0, "FP8_PB_WO": 0.0, "W8A8_SQ_PER_CHANNEL": 0.0, "W8A16": 2**-8}
 
 
@@ -43,10 +43,10 @@ def test_decoded_weights_are_the_checkpoints(name: str) -> None:
     out = dict(ck)
     orig = load_tensors(FIXTURES / name)
     algo = hf_quant_algo(FIXTURES / name)
-    algo = {"W4A8_MXFP4_FP8": "MXFP4"}.get(algo, algo)
+    algo = algo_of(algo)
     for module in quantized_modules(orig):
         scheme = scheme_of(ck.quantization_config, module)
-        want = (modelopt_dequant(algo, orig, module) if algo in FP32_FORMULAS else modelopt_weight(algo, orig, module)).double()
+        want = (modelopt_dequant(algo, orig, module) if algo in FP32_DECODED else modelopt_weight(algo, orig, module)).double()
         rows, cols = want.shape
         names = portable.linear_parameters(scheme, [rows], cols, torch.bfloat16)
         got = portable.decode_weight(scheme, {n: out[f"{module}.{n}"] for n in names}, [rows])

@@ -47,6 +47,8 @@ from vllm.model_executor.parameter import (
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
+from lazyxform.planner import describe_args
+
 logger: logging.Logger = init_logger(f"vllm.{__name__}")
 
 MODE_ENV = "LAZYXFORM_VLLM_CPU_KERNELS"
@@ -83,15 +85,9 @@ class Scheme:
             return None
         return cls(str(scheme_dict["format"]), scheme_dict["weights"], scheme_dict.get("input_activations"))
 
-    def __str__(self) -> str:
-        return f"{self.format} W {describe(self.weights)}, A {describe(self.activations) if self.activations else 'unquantized'}"
-
-
-def describe(args: QuantizationArgs) -> str:
-    strategy = args.strategy.value if hasattr(args.strategy, "value") else str(args.strategy)
-    size = f" {args.group_size}" if args.group_size else ""
-    dynamic = " dynamic" if args.dynamic else ""
-    return f"{args.type}{args.num_bits} {strategy}{size}{dynamic}"
+    def __str__(self) -> str:  # as `lazyxform inspect` describes a target
+        acts = describe_args(self.activations) if self.activations else "none"
+        return f"{self.format}: W {describe_args(self.weights)}, A {acts}"
 
 
 def vllm_cpu_computes(scheme: Scheme) -> bool:
@@ -317,13 +313,18 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, a: QuantizationArgs, top
 # --- the methods vLLM calls ------------------------------------------------------------------------
 
 
-def decoded(layer: torch.nn.Module, scheme: Scheme, names: list[str], out_sizes: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Decode and drop the compressed-tensors parameters: (float32 weight, input scales)."""
+def decode(scheme: Scheme, tensors: dict[str, torch.Tensor], out_sizes: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One layer's (or expert's) compressed-tensors tensors -> (float32 weight, its input scales)."""
+    scales = {n: tensors[n].float() for n in ("input_scale", "input_global_scale") if n in tensors}
+    return decode_weight(scheme, tensors, out_sizes), scales
+
+
+def take(layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named parameters' data, dropped from the layer (the decoded weight replaces them)."""
     tensors = {n: getattr(layer, n).data for n in names}
     for n in names:
         delattr(layer, n)
-    scales = {n: tensors[n].float() for n in ("input_scale", "input_global_scale") if n in tensors}
-    return decode_weight(scheme, tensors, out_sizes), scales
+    return tensors
 
 
 # The layer hands vLLM-parameter loaders to the method only when the method's class is registered
@@ -355,7 +356,7 @@ class PortableLinearMethod(LinearMethodBase):
         layer.portable_out_sizes = list(output_partition_sizes)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        weight, layer.portable_input_scales = decoded(layer, self.scheme, layer.portable_parameters, layer.portable_out_sizes)
+        weight, layer.portable_input_scales = decode(self.scheme, take(layer, layer.portable_parameters), layer.portable_out_sizes)
         layer.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -411,16 +412,14 @@ class PortableMoEMethod(FusedMoEMethodBase):
         if getattr(layer, "expert_map", None) is not None:
             raise NotImplementedError("lazyxform's portable fused-MoE kernel does not run under expert parallelism")
         for stem, (names, out_sizes) in layer.portable_parameters.items():
-            experts = [getattr(layer, f"{stem}_{n}").data for n in names]
-            for n in names:
-                delattr(layer, f"{stem}_{n}")
-            weights, scales = [], []
-            for e in range(experts[0].shape[0]):
-                one = {n: t[e] for n, t in zip(names, experts, strict=True)}
-                weights.append(decode_weight(self.scheme, one, out_sizes))
-                scales.append({n: one[n].float() for n in ("input_scale", "input_global_scale") if n in one})
+            experts = take(layer, [f"{stem}_{n}" for n in names])
+            count = len(experts[f"{stem}_{names[0]}"])
+            weights, scales = zip(
+                *(decode(self.scheme, {n: experts[f"{stem}_{n}"][e] for n in names}, out_sizes) for e in range(count)),
+                strict=True,
+            )
             layer.register_parameter(f"{stem}_weight", torch.nn.Parameter(torch.stack(weights), requires_grad=False))
-            setattr(layer, f"portable_{stem}_input_scales", scales)
+            setattr(layer, f"portable_{stem}_input_scales", list(scales))
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module) -> None:
         return None
