@@ -14,7 +14,7 @@ from typing import Literal, get_args
 import torch
 
 from .errors import UnsupportedAlgoError
-from .plan import ModulePlan, Rule
+from .plan import ModulePlan
 from .recipes.base import PQS, Module, Recipe
 
 Fallback = Literal["dequantize", "error"]
@@ -24,7 +24,6 @@ FALLBACKS: tuple[str, ...] = get_args(Fallback)
 @dataclass
 class DenseFallback:
     modules: dict[str, tuple[Module, Recipe]]
-    rules: list[Rule]
     warning: str | None
 
     def module_plans(self) -> list[ModulePlan]:
@@ -43,13 +42,12 @@ class DenseFallback:
         ]
 
 
-def plan_dense_fallback(modules: dict[str, tuple[Module, Recipe]], fallback: Fallback, dtype: torch.dtype) -> DenseFallback:
-    """The modules among `modules` whose recipe has no target, and the rules that dequantize them."""
+def plan_dense_fallback(dense: dict[str, tuple[Module, Recipe]], fallback: Fallback, dtype: torch.dtype) -> DenseFallback:
+    """The modules whose recipe has no target (`dense`): kept for `dense_rules`, or refused."""
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-    dense = {name: (m, recipe) for name, (m, recipe) in modules.items() if recipe.target(m.cfg) is None}
     if not dense:
-        return DenseFallback({}, [], None)
+        return DenseFallback({}, None)
     algos = "/".join(sorted({m.cfg.algo for m, _ in dense.values()}))
     names = ", ".join(dense)
     if fallback == "error":
@@ -58,4 +56,4 @@ def plan_dense_fallback(modules: dict[str, tuple[Module, Recipe]], fallback: Fal
         f"{algos} has no compressed-tensors equivalent: {len(dense)} modules are dequantized to "
         f"{str(dtype).removeprefix('torch.')} (more memory, unquantized activations): {names}"
     )
-    return DenseFallback(dense, [r for m, recipe in dense.values() for r in recipe.dense_rules(m)], warning)
+    return DenseFallback(dense, warning)

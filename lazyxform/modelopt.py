@@ -26,14 +26,10 @@ HF_FIELD_TYPES: dict[str, type] = {
     "num_key_value_heads": int,
 }
 
-# ModelOpt leaks internal lower-case names (`fp8_pb_wo`, `mxfp4`); canonical names are upper-case.
-# Early block-FP8 exports used FP8_BLOCK_SCALES for the FP8_PB_WO layout.
-ALGO_ALIASES = {"FP8_BLOCK_SCALES": "FP8_PB_WO"}
-
-
 def canonical_algo(algo: str) -> str:
-    upper = algo.strip().upper()
-    return ALGO_ALIASES.get(upper, upper)
+    """ModelOpt leaks internal lower-case names (`fp8_pb_wo`, `mxfp4`); canonical names are upper-case.
+    Other names of one format are the recipe's to declare (recipes/)."""
+    return algo.strip().upper()
 
 
 @dataclass(frozen=True)

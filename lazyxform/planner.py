@@ -1,9 +1,14 @@
-"""Headers + ModelOpt config -> Plan and compressed-tensors config. Reads no tensor data."""
+"""Headers + ModelOpt config -> Plan and compressed-tensors config. Reads no tensor data.
+
+Each quantized module's recipe and target are found once; the dense fallback, the pre_quant_scale
+folds and the recipes' rules all work from them, and every rule a recipe makes is checked against
+what the recipe declares it reads and writes.
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -17,15 +22,16 @@ from .recipes import Module, Recipe, Target, recipe_for
 from .recipes.base import Args
 from .recipes.kv import KV_SCALE, kv_cache_args, kv_scale_rules
 from .shards import TensorInfo
+from .topology import Topology, topology_of
 
-# Suffixes ModelOpt writes next to a quantized Linear's weight.
-MODULE_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale", PQS, "bias")
-# Fused in the engine (one GEMM): their per-tensor scales must agree.
-FUSED_LEAVES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+# Tensors any quantized module may carry besides what its recipe reads.
+EVERY_MODULE_MAY_HAVE = (PQS, "bias")
 
 MODEL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Weight dtypes that hold quantized codes: meaningless without a scale.
 CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8)
+
+Quantized = dict[str, tuple[Module, Recipe]]
 
 
 def model_dtype(hf_config: dict[str, Any]) -> torch.dtype:
@@ -46,16 +52,25 @@ def plan_and_config(
     """The plan, and a function that builds the compressed-tensors config: only it imports
     compressed-tensors (seconds), which `lazyxform inspect` without --json never needs."""
     dtype = model_dtype(hf_config)
-    modules = _quantized_modules(cfg, tensors, dtype)
-    dense = plan_dense_fallback(modules, fallback, dtype)
-    modules = {name: mr for name, mr in modules.items() if name not in dense.modules}
-    pre = plan_pre_quant(modules, tensors, hf_config, cfg.kv_cache_algo)
+    topology = topology_of(hf_config)
+    quantized = _quantized_modules(cfg, tensors, dtype)
+    all_targets = {name: recipe.target(m.cfg) for name, (m, recipe) in quantized.items()}
+    dense = plan_dense_fallback({n: mr for n, mr in quantized.items() if all_targets[n] is None}, fallback, dtype)
+    modules = {name: mr for name, mr in quantized.items() if name not in dense.modules}
+    targets: dict[str, Target] = {name: t for name, t in all_targets.items() if t is not None}
+    pre = plan_pre_quant(modules, tensors, hf_config, topology, cfg.kv_cache_algo)
 
-    rules: list[Rule] = list(pre.rules) + dense.rules
+    rules: list[Rule] = list(pre.rules)
+    for name, (m, recipe) in dense.modules.items():
+        rules += _declared(recipe, recipe.dense_rules(m), [m], recipe.reads + (PQS,), recipe.writes)
     for name, (m, recipe) in modules.items():
-        rules += recipe.rules(m, pre.row_factors.get(name))
-    for members in _fused_scale_sets(modules):
-        rules += members[0][1].fused_rules([m for m, _ in members])
+        row_factor = pre.row_factors.get(name)
+        own = tuple(s for s in recipe.reads if s not in recipe.shared)
+        rules += _declared(recipe, recipe.rules(m, row_factor), [m], own, recipe.writes, row_factor)
+    for members in _fused_scale_sets(modules, topology):
+        recipe = members[0][1]
+        fused = [m for m, _ in members]
+        rules += _declared(recipe, recipe.fused_rules(fused), fused, recipe.shared, recipe.writes)
     kv_rules = kv_scale_rules(tensors)
     if kv_rules and cfg.kv_cache_algo is None:
         raise ConfigError(f"{cfg.source}: tensors such as {kv_rules[0].inputs[0]} are KV-cache scales but the config has no kv_cache_quant_algo")
@@ -63,7 +78,6 @@ def plan_and_config(
     groups = coalesce(rules)
 
     consumed = {n for g in groups for n in g.inputs}
-    targets = {name: recipe.target(m.cfg) for name, (m, recipe) in modules.items()}
     group_names = _config_group_names(targets)
     module_plans = [
         ModulePlan(
@@ -88,7 +102,7 @@ def plan_and_config(
         plan.warnings.append(dense.warning)
         warnings.warn(dense.warning, LazyxformWarning, stacklevel=4)  # the caller of lazyxform.open
     kv_args = kv_cache_args(cfg.kv_cache_algo) if cfg.kv_cache_algo else None  # refuses an unknown one now
-    ignore = _ignore_list(cfg, modules, tensors) + sorted(dense.modules)
+    ignore = _ignore_list(cfg, quantized, tensors) + sorted(dense.modules)
 
     def config() -> dict[str, Any]:
         return _compressed_tensors_config(targets, group_names, ignore, kv_args)
@@ -96,9 +110,29 @@ def plan_and_config(
     return plan, config
 
 
-def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtype: torch.dtype) -> dict[str, tuple[Module, Recipe]]:
+def _declared(
+    recipe: Recipe,
+    rules: list[Rule],
+    members: Iterable[Module],
+    reads: Iterable[str],
+    writes: Iterable[str],
+    row_factor: str | None = None,
+) -> list[Rule]:
+    """`rules`, after checking that they read and write only what `recipe` declares (a recipe bug
+    otherwise: a tensor read twice or written unannounced would reach the engine wrong)."""
+    members = list(members)
+    allowed_in = {m.key(s) for m in members for s in reads} | ({row_factor} if row_factor else set())
+    allowed_out = {m.key(s) for m in members for s in writes}
+    for rule in rules:
+        undeclared = sorted((set(rule.inputs) - allowed_in) | (set(rule.outputs) - allowed_out))
+        if undeclared:
+            raise AssertionError(f"{type(recipe).__name__}: rule {rule.label!r} uses {undeclared}, which the recipe does not declare")
+    return rules
+
+
+def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtype: torch.dtype) -> Quantized:
     names = sorted(n.removesuffix(".weight_scale") for n in tensors if n.endswith(".weight_scale"))
-    modules: dict[str, tuple[Module, Recipe]] = {}
+    modules: Quantized = {}
     for name in names:
         if cfg.is_excluded(name):
             raise ConfigError(f"{cfg.source}: {name} carries quantization scales but matches exclude_modules {cfg.exclude}")
@@ -107,7 +141,7 @@ def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtyp
             raise ConfigError(f"{cfg.source}: {name} carries quantization scales but no quant_algo covers it")
         recipe = recipe_for(algo.algo)
         own = {n[len(name) + 1:]: info for n, info in tensors.items() if n.startswith(name + ".") and not KV_SCALE.match(n)}
-        allowed = set(recipe.consumes) | {PQS, "bias"} | ({"input_scale"} if recipe.has_input_scale else set())
+        allowed = set(recipe.reads) | set(EVERY_MODULE_MAY_HAVE)
         extra = sorted(set(own) - allowed)
         if extra:
             raise UnexpectedTensorError(
@@ -115,7 +149,7 @@ def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtyp
                 f"use (expected only {sorted(allowed)})"
             )
         m = Module(name, algo, own, dtype)
-        for suffix in recipe.consumes + (("input_scale",) if recipe.has_input_scale else ()):
+        for suffix in recipe.reads:
             m.info(suffix)
         modules[name] = (m, recipe)
     for n, info in tensors.items():
@@ -125,15 +159,14 @@ def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtyp
     return modules
 
 
-def _fused_scale_sets(modules: dict[str, tuple[Module, Recipe]]) -> list[list[tuple[Module, Recipe]]]:
+def _fused_scale_sets(modules: Quantized, topology: Topology) -> list[list[tuple[Module, Recipe]]]:
     sets: list[list[tuple[Module, Recipe]]] = []
     seen: set[str] = set()
     for name, (_, recipe) in modules.items():
-        if not recipe.shares_fused_scales or name in seen:
+        if not recipe.shared or name in seen:
             continue
         parent, dot, leaf = name.rpartition(".")  # a top-level module has no parent
-        family = next((f for f in FUSED_LEAVES if leaf in f), (leaf,))
-        siblings = [f"{parent}{dot}{x}" for x in family]
+        siblings = [f"{parent}{dot}{x}" for x in topology.fused_family(leaf)]
         present = [s for s in siblings if s in modules]
         if len(present) != len(siblings):
             missing = sorted(set(siblings) - set(present))

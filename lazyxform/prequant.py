@@ -5,7 +5,7 @@ Folded only where the arithmetic is exact up to one rounding of a scale:
 - into the per-row scales of the linear whose output rows ARE this module's input
   (up_proj -> down_proj, w3 -> w2; v_proj -> o_proj only when every query head has its own KV
   head and the KV cache is not quantized, since a per-tensor v_scale cannot absorb row factors).
-Everything else keeps `<module>.pre_quant_scale` for the engine to apply at run time.
+Which module feeds which is the architecture's topology (topology.py). Everything else keeps `<module>.pre_quant_scale` for the engine to apply at run time.
 """
 
 from __future__ import annotations
@@ -19,16 +19,7 @@ from .errors import TensorMismatchError
 from .plan import Rule, Tensors
 from .recipes.base import FLOAT_DTYPES, PQS, Module, Recipe, check_equal, check_scale
 from .shards import TensorInfo
-
-# Pre-norm decoders whose input_layernorm feeds only q/k/v and whose post-attention norm feeds
-# only the MLP (gated: down_proj's input is act(gate) * up, linear in up's rows).
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"}
-NORM_CONSUMERS = {
-    "input_layernorm": ("self_attn", ("q_proj", "k_proj", "v_proj")),
-    "post_attention_layernorm": ("mlp", ("gate_proj", "up_proj")),
-}
-MLP_LEAVES = {"gate_proj", "up_proj", "down_proj"}
-ROW_PRODUCER = {"down_proj": "up_proj", "w2": "w3", "o_proj": "v_proj"}
+from .topology import Topology
 
 
 @dataclass
@@ -43,6 +34,7 @@ def plan_pre_quant(
     modules: dict[str, tuple[Module, Recipe]],
     tensors: dict[str, TensorInfo],
     hf_config: dict[str, Any],
+    topology: Topology,
     kv_algo: str | None,
 ) -> PreQuantPlan:
     plan = PreQuantPlan()
@@ -52,11 +44,9 @@ def plan_pre_quant(
         info = m.info(PQS)
         if info.dtype not in FLOAT_DTYPES or info.shape != (inp,):
             raise TensorMismatchError(f"{info.describe()}: expected a float [{inp}] vector")
-    llama_like = hf_config.get("model_type") in LLAMA_LIKE
     done: set[str] = set()
-    if llama_like:
-        _fold_into_norms(plan, with_pqs, tensors, done)
-        _fold_into_rows(plan, modules, with_pqs, tensors, hf_config, kv_algo, done)
+    _fold_into_norms(plan, with_pqs, tensors, topology, done)
+    _fold_into_rows(plan, modules, with_pqs, tensors, hf_config, topology, kv_algo, done)
     for name, m in with_pqs.items():
         if name not in done:
             plan.runtime.append(name)
@@ -73,15 +63,17 @@ def _kept(name: str) -> Rule:
     return Rule("pre_quant_scale: kept, applied at run time", (name,), (name,), fn)
 
 
-def _fold_into_norms(plan: PreQuantPlan, with_pqs: dict[str, Module], tensors: dict[str, TensorInfo], done: set[str]) -> None:
+def _fold_into_norms(
+    plan: PreQuantPlan, with_pqs: dict[str, Module], tensors: dict[str, TensorInfo], topology: Topology, done: set[str]
+) -> None:
     layers = {name.rsplit(".", 2)[0] for name in with_pqs if name.count(".") >= 2}
     for layer in sorted(layers):
-        for norm, (parent, leaves) in NORM_CONSUMERS.items():
+        for norm, (parent, leaves) in topology.norm_consumers.items():
             consumers = [f"{layer}.{parent}.{leaf}" for leaf in leaves]
             norm_w = f"{layer}.{norm}.weight"
             if not all(c in with_pqs for c in consumers) or norm_w not in tensors:
                 continue
-            if parent == "mlp" and _mlp_has_other_consumers(layer, tensors):
+            if parent == "mlp" and _mlp_has_other_consumers(layer, tensors, topology.mlp_leaves):
                 continue
             size = with_pqs[consumers[0]].info(PQS).shape[0]
             if tensors[norm_w].shape != (size,):
@@ -93,10 +85,10 @@ def _fold_into_norms(plan: PreQuantPlan, with_pqs: dict[str, Module], tensors: d
                 plan.notes.setdefault(c, []).append(f"pre_quant_scale folded into {norm_w}")
 
 
-def _mlp_has_other_consumers(layer: str, tensors: dict[str, TensorInfo]) -> bool:
+def _mlp_has_other_consumers(layer: str, tensors: dict[str, TensorInfo], mlp_leaves: frozenset[str]) -> bool:
     """A router or shared expert under `mlp.` also reads the post-attention norm: no fold."""
     prefix = f"{layer}.mlp."
-    return any(n.startswith(prefix) and n[len(prefix):].split(".", 1)[0] not in MLP_LEAVES for n in tensors)
+    return any(n.startswith(prefix) and n[len(prefix):].split(".", 1)[0] not in mlp_leaves for n in tensors)
 
 
 def _norm_fold(norm_w: str, pqs: list[str]) -> Any:
@@ -116,6 +108,7 @@ def _fold_into_rows(
     with_pqs: dict[str, Module],
     tensors: dict[str, TensorInfo],
     hf_config: dict[str, Any],
+    topology: Topology,
     kv_algo: str | None,
     done: set[str],
 ) -> None:
@@ -123,9 +116,9 @@ def _fold_into_rows(
     mha = heads is not None and heads == (kv_heads or heads)
     for name, m in with_pqs.items():
         parent, dot, leaf = name.rpartition(".")  # a top-level module has no parent
-        if leaf not in ROW_PRODUCER or (leaf == "o_proj" and (not mha or kv_algo is not None)):
+        if leaf not in topology.row_producers or (leaf in topology.through_attention and (not mha or kv_algo is not None)):
             continue
-        producer = f"{parent}{dot}{ROW_PRODUCER[leaf]}"
+        producer = f"{parent}{dot}{topology.row_producers[leaf]}"
         if producer not in modules:
             continue
         pm, precipe = modules[producer]

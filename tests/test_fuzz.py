@@ -24,7 +24,7 @@ from safetensors.torch import save
 from test_hardening import safetensors_bytes
 
 from lazyxform.errors import LazyxformError
-from lazyxform.modelopt import ALGO_ALIASES, AlgoConfig, read_modelopt_config
+from lazyxform.modelopt import AlgoConfig, read_modelopt_config
 from lazyxform.planner import build_plan
 from lazyxform.recipes import RECIPES
 from lazyxform.shards import DTYPES, ShardReader, index_checkpoint, read_header
@@ -66,7 +66,7 @@ def workdir():
 # --- ModelOpt configs ------------------------------------------------------------------------------
 
 CANONICAL = sorted(RECIPES)
-SPELLINGS = {a: [a, a.lower(), f" {a.title()} "] + [k for k, v in ALGO_ALIASES.items() if v == a] for a in CANONICAL}
+SPELLINGS = {a: [a, a.lower(), f" {a.title()} "] for a in CANONICAL}
 FP8_TENSORS = index_checkpoint(FIXTURES / "fp8")
 # Real module names (so that the garbage cases reach planning) and made-up ones.
 modules = st.sampled_from(sorted(n.removesuffix(".weight_scale") for n in FP8_TENSORS if n.endswith(".weight_scale"))) | st.from_regex(

@@ -115,7 +115,7 @@ def test_light_args_describe_and_resolve_to_compressed_tensors_args():
 
     from lazyxform.modelopt import AlgoConfig
     from lazyxform.planner import describe_target
-    from lazyxform.recipes import ALL_RECIPES
+    from lazyxform.recipes import RECIPES
     from lazyxform.recipes.base import PRESETS, WEIGHT_ONLY_PRESETS, Target
     from lazyxform.recipes.kv import kv_cache_args
 
@@ -126,7 +126,7 @@ def test_light_args_describe_and_resolve_to_compressed_tensors_args():
             assert str(getattr(real, f).value if hasattr(getattr(real, f), "value") else getattr(real, f)) == str(getattr(args, f)), (name, role, f)
     for name in WEIGHT_ONLY_PRESETS:
         assert preset_name_to_scheme(name, ["Linear"]).input_activations is None
-    targets = [r.target(AlgoConfig(a, g)) for r in ALL_RECIPES for a in r.algos for g in (None, 64, 128)]
+    targets = [r.target(AlgoConfig(a, g)) for a, r in RECIPES.items() for g in (None, 64, 128)]
     targets = [t for t in targets if t is not None]
     for algo in ("FP8", "NVFP4"):
         targets.append(Target(kv_cache_args(algo), None, "kv"))

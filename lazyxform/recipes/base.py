@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..checks import require, require_positive_finite
-from ..errors import BadScaleError, InconsistentScalesError, LazyxformWarning, MissingTensorError, TensorMismatchError
+from ..errors import BadScaleError, InconsistentScalesError, LazyxformWarning, MissingTensorError, TensorMismatchError, UnsupportedAlgoError
 from ..modelopt import AlgoConfig
 from ..ops.pack import converted
 from ..plan import Many, Rule, Tensors
@@ -113,16 +113,31 @@ class Target:
 
 
 class Recipe:
-    """One ModelOpt number format -> one compressed-tensors scheme, plus the tensor rules."""
+    """One ModelOpt number format -> one compressed-tensors scheme, plus the tensor rules.
+
+    What a recipe reads and writes is declared once, as suffixes of a module's tensor names:
+    - `reads`: what the checkpoint must hold for each module (a module may also carry
+      `pre_quant_scale` and `bias`, which planning handles the same way for every recipe);
+    - `shared`: those of `reads` that siblings fused into one GEMM share; `fused_rules` merges them,
+      and planning then requires the whole fused set, in one format;
+    - `writes`: the compressed-tensors tensors it produces.
+    Planning checks the headers against `reads` and every rule the recipe makes against all three.
+    A subclass that names `algos` (ModelOpt's quant_algo values, upper case) registers itself.
+    """
 
     algos: ClassVar[tuple[str, ...]] = ()
-    # Suffixes the per-module rules read; input_scale is handled across fused siblings.
-    consumes: ClassVar[tuple[str, ...]] = ("weight", "weight_scale")
-    has_input_scale: ClassVar[bool] = False
+    reads: ClassVar[tuple[str, ...]] = ("weight", "weight_scale")
+    shared: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ("weight", "weight_scale")
     # True when per-output-row scales can absorb a factor exactly (pre_quant_scale row folds).
     row_scalable: ClassVar[bool] = False
     # The weight dimension along which two 4-bit values share a byte (None: one value per element).
     nibble_dim: ClassVar[int | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "algos" in cls.__dict__:
+            register(cls())
 
     def target(self, cfg: AlgoConfig) -> Target | None:
         """The compressed-tensors scheme, or None when the format has none (the module is then
@@ -147,14 +162,9 @@ class Recipe:
         every tensor of the module (pre_quant_scale included)."""
         raise NotImplementedError
 
-    @property
-    def shares_fused_scales(self) -> bool:
-        """True when fused siblings' per-tensor scales meet in `fused_rules` (the planner then
-        requires every sibling present and in the same format)."""
-        return self.has_input_scale
-
     def fused_rules(self, members: Sequence[Module]) -> list[Rule]:
-        """Rules over one set of siblings the engine runs as one GEMM (a lone module is a set of one)."""
+        """Rules over the `shared` tensors of one set of siblings the engine runs as one GEMM (a lone
+        module is a set of one); called only for recipes that share something."""
         return [self.input_scale_rule(members)]
 
     def input_scale_rule(self, members: Sequence[Module]) -> Rule:
@@ -182,6 +192,25 @@ class Recipe:
             return {n: merged.clone() for n in names}
 
         return Rule("input_scale: 0-d -> [1], fused siblings -> max", names, names, merge)
+
+
+RECIPES: dict[str, Recipe] = {}  # quant_algo -> its recipe; filled as the recipe modules load
+
+
+def register(recipe: Recipe) -> None:
+    if not set(recipe.shared) <= set(recipe.reads):
+        raise TypeError(f"{type(recipe).__name__}: shared {recipe.shared} must be among reads {recipe.reads}")
+    for algo in recipe.algos:
+        if algo in RECIPES:
+            raise TypeError(f"quant_algo {algo} is claimed by both {type(RECIPES[algo]).__name__} and {type(recipe).__name__}")
+        RECIPES[algo] = recipe
+
+
+def recipe_for(algo: str) -> Recipe:
+    recipe = RECIPES.get(algo)
+    if recipe is None:
+        raise UnsupportedAlgoError(f"quant_algo {algo!r} is not supported (supported: {', '.join(sorted(RECIPES))})")
+    return recipe
 
 
 def expect(info: TensorInfo, dtypes: Sequence[torch.dtype], shape: Sequence[int]) -> None:

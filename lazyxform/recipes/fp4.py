@@ -91,15 +91,12 @@ class Nvfp4Recipe(Recipe):
     FP8 block scales cannot absorb a row factor exactly, so pre_quant_scale row folds are refused."""
 
     algos = ("NVFP4", "NVFP4_AWQ")
-    consumes = ("weight", "weight_scale", "weight_scale_2")
-    has_input_scale = True
+    reads = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+    shared = ("weight_scale_2", "input_scale")
+    writes = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
     nibble_dim = 1
     preset: ClassVar[str] = "NVFP4"
     default_block: ClassVar[int] = 16
-
-    @property
-    def shares_fused_scales(self) -> bool:
-        return True
 
     def target(self, cfg: AlgoConfig) -> Target | None:
         return preset_target(self.preset, "nvfp4-pack-quantized")
@@ -139,7 +136,9 @@ class W4A16Nvfp4Recipe(Nvfp4Recipe):
     """W4A16_NVFP4: the NVFP4A16 preset (weights only)."""
 
     algos = ("W4A16_NVFP4",)
-    has_input_scale = False
+    reads = ("weight", "weight_scale", "weight_scale_2")
+    shared = ("weight_scale_2",)
+    writes = ("weight_packed", "weight_scale", "weight_global_scale")
     preset = "NVFP4A16"
 
     def fused_rules(self, members: Sequence[Module]) -> list[Rule]:
@@ -153,7 +152,8 @@ class W4A8Nvfp4Fp8Recipe(W4A16Nvfp4Recipe):
     run unquantized and the FP8 input_scale is checked and dropped."""
 
     algos = ("W4A8_NVFP4_FP8",)
-    has_input_scale = True
+    reads = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+    shared = ("weight_scale_2", "input_scale")
     default_block = 32
 
     def fused_rules(self, members: Sequence[Module]) -> list[Rule]:
@@ -169,7 +169,9 @@ class Nvfp4SvdRecipe(Nvfp4Recipe):
     not depend on the device's summation order."""
 
     algos = ("NVFP4_SVD",)
-    consumes = ("weight", "weight_scale", "weight_scale_2", LORA_A, LORA_B)
+    reads = ("weight", "weight_scale", "weight_scale_2", "input_scale", LORA_A, LORA_B)
+    shared = ()
+    writes = ("weight",)
 
     def target(self, cfg: AlgoConfig) -> Target | None:
         return None

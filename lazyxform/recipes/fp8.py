@@ -26,7 +26,9 @@ class Fp8PerTensorRecipe(Recipe):
     fused shard and requantizes to the max itself, so per-shard scales pass through unmerged."""
 
     algos = ("FP8",)
-    has_input_scale = True
+    reads = ("weight", "weight_scale", "input_scale")
+    shared = ("input_scale",)
+    writes = ("weight", "weight_scale", "input_scale")
 
     def target(self, cfg: AlgoConfig) -> Target:
         return Target(fp8_args("tensor", False), fp8_args("tensor", False), "float-quantized")
@@ -69,9 +71,10 @@ class Fp8PerChannelRecipe(Recipe):
 class Fp8BlockRecipe(Recipe):
     """W = fp8 * weight_scale per 128x128 block. ModelOpt keeps the quantizer's keep-dim amax shape
     [out/128, 1, in/128, 1]; compressed-tensors wants [out/128, in/128]. Activations: dynamic per
-    token-group of 128, as vLLM's native FP8_PB_WO path runs them."""
+    token-group of 128, as vLLM's native FP8_PB_WO path runs them. FP8_BLOCK_SCALES is the same
+    export under the name early block-FP8 releases (and MoE experts in MIXED_PRECISION configs) use."""
 
-    algos = ("FP8_PB_WO",)
+    algos = ("FP8_PB_WO", "FP8_BLOCK_SCALES")
 
     def target(self, cfg: AlgoConfig) -> Target:
         return Target(

@@ -40,6 +40,7 @@ class Int4AwqRecipe(Recipe):
     row fold multiplies into them before their one rounding to the model dtype."""
 
     algos = ("W4A16_AWQ",)
+    writes = ("weight_packed", "weight_shape", "weight_scale")
     row_scalable = True
     nibble_dim = 0
 
@@ -73,8 +74,8 @@ class W4A8AwqRecipe(Int4AwqRecipe):
     `input_scale` has no place in a per-token dynamic scheme: checked and dropped too."""
 
     algos = ("W4A8_AWQ",)
-    consumes = ("weight", "weight_scale", "weight_scale_2")
-    has_input_scale = True
+    reads = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+    shared = ("input_scale",)
 
     def target(self, cfg: AlgoConfig) -> Target:
         return Target(int4_group_weights(cfg), fp8_args("token", True), "pack-quantized")

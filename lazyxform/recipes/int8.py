@@ -32,7 +32,9 @@ class Int8SmoothQuantRecipe(Recipe):
     holds a single input_scale for a fused q/k/v or gate/up layer, so fused scales are merged."""
 
     algos = ("W8A8_SQ_PER_CHANNEL",)
-    has_input_scale = True
+    reads = ("weight", "weight_scale", "input_scale")
+    shared = ("input_scale",)
+    writes = ("weight", "weight_scale", "input_scale")
     row_scalable = True
 
     def target(self, cfg: AlgoConfig) -> Target:
@@ -50,6 +52,7 @@ class Int8WeightOnlyRecipe(Recipe):
     the scale is stored in the model dtype, as compressed-tensors and vLLM's WNA16 keep it."""
 
     algos = ("W8A16",)
+    writes = ("weight_packed", "weight_shape", "weight_scale")
     row_scalable = True
 
     def target(self, cfg: AlgoConfig) -> Target:

@@ -57,6 +57,7 @@ class Mxfp4Recipe(Recipe):
     """MXFP4 -> the MXFP4 preset: activations MXFP4 dynamic, as ModelOpt's MXFP4_DEFAULT_CFG."""
 
     algos = ("MXFP4",)
+    writes = ("weight_packed", "weight_scale")
     nibble_dim = 1
 
     def target(self, cfg: AlgoConfig) -> Target | None:
