@@ -61,7 +61,7 @@ def plan_and_config(
     pre = plan_pre_quant(modules, tensors, hf_config, topology, cfg.kv_cache_algo)
 
     rules: list[Rule] = list(pre.rules)
-    for name, (m, recipe) in dense.modules.items():
+    for m, recipe in dense.modules.values():
         rules += _declared(recipe, recipe.dense_rules(m), [m], recipe.reads + (PQS,), recipe.writes)
     for name, (m, recipe) in modules.items():
         row_factor = pre.row_factors.get(name)

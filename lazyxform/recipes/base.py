@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..checks import require, require_positive_finite
-from ..errors import BadScaleError, InconsistentScalesError, LazyxformWarning, MissingTensorError, TensorMismatchError, UnsupportedAlgoError
+from ..errors import (
+    BadScaleError,
+    InconsistentScalesError,
+    LazyxformWarning,
+    MissingTensorError,
+    TensorMismatchError,
+    UnsupportedAlgoError,
+)
 from ..modelopt import AlgoConfig
 from ..ops.pack import converted
 from ..plan import Many, Rule, Tensors
