@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterable, Iterator
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import profile
-from .errors import NotAModelOptCheckpoint
+from .errors import LazyxformWarning, NotAModelOptCheckpoint
 from .fallback import Fallback
 from .modelopt import ModelOptConfig, read_modelopt_config
 from .plan import Plan
 from .planner import plan_and_config
-from .reader import Reader
-from .shards import ShardReader, TensorInfo, index_checkpoint
+from .reader import read_tensors
+from .shards import TensorInfo, index_checkpoint
 from .stream import rewrite
+
+# How many checkpoints' plans a process keeps: engines open the same checkpoint several times
+# (config, then weights, in each worker), rarely more than one checkpoint.
+PLANS_CACHED = 8
 
 
 class CheckpointNotFoundError(NotAModelOptCheckpoint):
@@ -30,7 +35,14 @@ def default_device() -> torch.device:
 
 
 class Checkpoint:
-    """Built from config files and safetensors headers only; tensor data is read on iteration."""
+    """Built from config files and safetensors headers only; tensor data is read on iteration.
+
+    This is the surface every engine integration uses: `quantization_config` / `hf_config` (what
+    the engine should believe the checkpoint is), `wrap(pairs)` (its weight stream, rewritten),
+    `runtime_pre_quant_scale` (modules whose input the engine must scale at run time) and
+    `dense_modules` (modules dequantized to a plain weight, listed in the config's `ignore`). The
+    plan behind them is built once per process for an unchanged checkpoint directory, whatever the
+    device, so an engine may open the same checkpoint wherever it needs it."""
 
     def __init__(
         self,
@@ -45,31 +57,44 @@ class Checkpoint:
         self.device = torch.device(device) if device is not None else default_device()
         self.staging_bytes = staging_bytes
         self.modelopt_config: ModelOptConfig
-        self.modelopt_config, raw_config = read_modelopt_config(self.path)
-        tensors = index_checkpoint(self.path)
         self.plan: Plan
-        self.plan, self._build_config = plan_and_config(self.modelopt_config, tensors, raw_config, fallback)
-        self._raw_config = raw_config
+        self.modelopt_config, self._raw_config, self.plan, self._build_config = _planned(self.path.resolve(), fallback, _signature(self.path))
+        for warning in self.plan.warnings:
+            warnings.warn(warning, LazyxformWarning, stacklevel=3)  # the caller of lazyxform.open
 
-    @functools.cached_property
+    @property
     def quantization_config(self) -> dict[str, Any]:
         """The compressed-tensors quantization_config; built on first use (it imports compressed-tensors)."""
-        return self._build_config()
+        return copy.deepcopy(self._build_config())
 
     @functools.cached_property
     def hf_config(self) -> dict[str, Any]:
         """config.json as the engine should see it: quantization_config replaced by the compressed-tensors one."""
         hf_config = copy.deepcopy(self._raw_config)
-        hf_config["quantization_config"] = copy.deepcopy(self.quantization_config)
+        hf_config["quantization_config"] = self.quantization_config
         return hf_config
+
+    @property
+    def runtime_pre_quant_scale(self) -> list[str]:
+        """Checkpoint names of the modules whose input the engine multiplies by `<module>.pre_quant_scale`
+        (the stream yields that tensor); the others' scales were folded into weights."""
+        return list(self.plan.runtime_pre_quant_scale)
+
+    @property
+    def dense_modules(self) -> list[str]:
+        """Quantized modules whose format has no compressed-tensors scheme, streamed as a plain weight."""
+        return [m.name for m in self.plan.modules if m.scheme == "ignore"]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor in the checkpoint: what a load reads."""
+        return sum(i.nbytes for i in self.plan.tensors.values())
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every output tensor, reading the checkpoint in file order. On a GPU, reads, copies and
         transforms overlap through `staging_bytes` of pinned host memory (see reader.py); on the
         CPU one group is in memory at a time."""
-        order = self.read_order()
-        pairs = Reader(order, self.device, self.staging_bytes) if self.device.type == "cuda" else _read_each(order)
-        yield from rewrite(self.plan, pairs, self.device)
+        yield from rewrite(self.plan, read_tensors(self.read_order(), self.device, self.staging_bytes), self.device)
 
     def wrap(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """The same rewrite over (name, tensor) pairs read elsewhere from this checkpoint, in any order."""
@@ -87,20 +112,31 @@ class Checkpoint:
         return sorted(units, key=lambda u: min((i.file.name, i.start) for i in u))
 
 
-def _read_each(order: list[TensorInfo]) -> Iterator[tuple[str, torch.Tensor]]:
-    """On the CPU each tensor is read straight into its own memory: staging would only add a copy."""
-    prof = profile.current()
-    reader = ShardReader()
+def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """What a cached plan depends on: name, size and modification time of every config and shard.
+    (A file that cannot be stat'ed, a broken or looping link, counts as such; planning names it.)"""
 
-    def read(info: TensorInfo) -> torch.Tensor:
-        with prof.host("read", info.nbytes):
-            return reader.read(info)
+    def stamp(entry: os.DirEntry[str]) -> tuple[str, int, int]:
+        try:
+            st = entry.stat()
+        except OSError:
+            return entry.name, -1, -1
+        return entry.name, st.st_size, st.st_mtime_ns
 
-    try:
-        for info in order:
-            yield info.name, read(info)
-    finally:
-        reader.close()
+    if not path.is_dir():
+        return ()  # planning refuses it
+    with os.scandir(path) as entries:
+        return tuple(sorted(stamp(e) for e in entries if e.name.endswith((".json", ".safetensors"))))
+
+
+@functools.lru_cache(maxsize=PLANS_CACHED)
+def _planned(
+    path: Path, fallback: Fallback, signature: tuple[tuple[str, int, int], ...]
+) -> tuple[ModelOptConfig, dict[str, Any], Plan, Callable[[], dict[str, Any]]]:
+    """Config, plan and config builder of one checkpoint state (`signature` is only the cache key)."""
+    modelopt_config, raw_config = read_modelopt_config(path)
+    plan, build_config = plan_and_config(modelopt_config, index_checkpoint(path), raw_config, fallback)
+    return modelopt_config, raw_config, plan, functools.cache(build_config)
 
 
 def open(  # noqa: A001

@@ -88,11 +88,11 @@ def inspect_plan(args: argparse.Namespace) -> int:
 
 def profile_load(args: argparse.Namespace) -> int:
     from .checkpoint import open as open_checkpoint
-    from .profile import Profiler, checkpoint_bytes
+    from .profile import Profiler
 
     staging = args.staging_mib << 20 if args.staging_mib else None
     ck = open_checkpoint(args.checkpoint, device=args.device, staging_bytes=staging)
-    prof = Profiler(ck.device, checkpoint_bytes(ck), progress=not args.no_progress, label=ck.path.name)
+    prof = Profiler(ck.device, ck.nbytes, progress=not args.no_progress, label=ck.path.name)
     for _pair in prof.iterate(ck):
         pass
     report = prof.finish()

@@ -7,13 +7,12 @@ what the recipe declares it reads and writes.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from .errors import ConfigError, LazyxformWarning, MissingTensorError, UnexpectedTensorError
+from .errors import ConfigError, MissingTensorError, UnexpectedTensorError
 from .fallback import Fallback, plan_dense_fallback
 from .modelopt import ModelOptConfig, fnmatch_regex_source
 from .plan import ModulePlan, Plan, Rule, coalesce
@@ -100,7 +99,6 @@ def plan_and_config(
     )
     if dense.warning:
         plan.warnings.append(dense.warning)
-        warnings.warn(dense.warning, LazyxformWarning, stacklevel=4)  # the caller of lazyxform.open
     kv_args = kv_cache_args(cfg.kv_cache_algo) if cfg.kv_cache_algo else None  # refuses an unknown one now
     ignore = _ignore_list(cfg, quantized, tensors) + sorted(dense.modules)
 

@@ -9,7 +9,8 @@ span runs from when its stream reaches the first event to when it reaches the se
 includes any time the stream waited for the host to launch the work (short kernels: mostly that).
 
 Profile any iteration (`iter(ck)` or `ck.wrap(pairs)`) with `Profiler.iterate`, or let
-`maybe_profile(pairs, ck)` do it when $LAZYXFORM_PROFILE names a directory (for engine plugins).
+`maybe_profile(pairs, device, total_bytes, label)` do it when $LAZYXFORM_PROFILE names a directory
+(for engine plugins).
 """
 
 from __future__ import annotations
@@ -26,12 +27,9 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
 
 ENV = "LAZYXFORM_PROFILE"
 SAMPLE_SECONDS = 0.01
@@ -225,26 +223,22 @@ def current() -> Profiler:
     return _current.get()
 
 
-def maybe_profile(pairs: Iterable[Pair], ck: Checkpoint) -> Iterable[Pair]:
+def maybe_profile(pairs: Iterable[Pair], device: torch.device, total_bytes: int, label: str) -> Iterable[Pair]:
     """For engine integrations: `pairs` unchanged, unless $LAZYXFORM_PROFILE names a directory; then
-    the load is profiled and `lazyxform-profile-<pid>.{txt,json,trace.json,png}` written there when
-    the iteration ends (one set per process, so tensor-parallel workers do not overwrite each other)."""
+    the load (`total_bytes` of checkpoint `label`, on `device`) is profiled and
+    `lazyxform-profile-<pid>.{txt,json,trace.json,png}` written there when the iteration ends (one
+    set per process, so tensor-parallel workers do not overwrite each other)."""
     out_dir = os.environ.get(ENV)
     if not out_dir:
         return pairs
-    return _profile_to(pairs, ck, Path(out_dir))
+    return _profile_to(pairs, Profiler(device, total_bytes, label=label), Path(out_dir))
 
 
-def _profile_to(pairs: Iterable[Pair], ck: Checkpoint, out_dir: Path) -> Iterator[Pair]:
-    prof = Profiler(ck.device, checkpoint_bytes(ck), label=ck.path.name)
+def _profile_to(pairs: Iterable[Pair], prof: Profiler, out_dir: Path) -> Iterator[Pair]:
     yield from prof.iterate(pairs)
     report = prof.finish()
     written = report.write(out_dir, f"lazyxform-profile-{os.getpid()}")
     sys.stderr.write(f"lazyxform: load profile written to {', '.join(map(str, written))}\n")
-
-
-def checkpoint_bytes(ck: Checkpoint) -> int:
-    return sum(i.nbytes for i in ck.plan.tensors.values())
 
 
 def summarize(spans: list[Span]) -> list[Stage]:

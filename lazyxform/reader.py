@@ -29,6 +29,8 @@ from . import profile
 from .errors import CorruptSafetensorsError
 from .shards import TensorInfo
 
+Pair = tuple[str, torch.Tensor]
+
 # Pinning host memory is slow (~2-4 GB/s on the lent H100) and a load pays it once per process,
 # so the staging buffer is small; 16 chunks in flight keep 16 reader threads busy.
 DEFAULT_STAGING_BYTES = 256 << 20
@@ -74,6 +76,47 @@ def plan_chunks(tensors: Sequence[TensorInfo], chunk_bytes: int) -> list[Chunk]:
         Chunk(path, min(p.file_offset for p in ps), max(p.file_offset + p.nbytes for p in ps), tuple(ps))
         for (path, _), ps in cells.items()
     ]
+
+
+def read_tensors(order: Sequence[TensorInfo], device: torch.device, staging_bytes: int | None = None) -> Iterator[Pair]:
+    """Every tensor of `order` as (name, tensor on `device`), in file order."""
+    return iter(Reader(order, device, staging_bytes)) if device.type == "cuda" else read_each(order)
+
+
+def read_each(order: Sequence[TensorInfo]) -> Iterator[Pair]:
+    """The CPU backend: one tensor at a time, in the given order."""
+    prof = profile.current()
+    reader = ShardReader()
+
+    def read(info: TensorInfo) -> torch.Tensor:
+        with prof.host("read", info.nbytes):
+            return reader.read(info)
+
+    try:
+        for info in order:
+            yield info.name, read(info)
+    finally:
+        reader.close()
+
+
+class ShardReader:
+    """Reads tensors by byte range, one open descriptor per shard. Each read is one copy into fresh memory."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = _open(info.file)
+        _pread_into(fd, memoryview(buf.numpy()), info.start, info.file, f"tensor {info.name!r}")
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class Reader:
@@ -141,7 +184,7 @@ class Reader:
                 self._staging[s] = torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         view = memoryview(self._staging[s].numpy())[: chunk.end - chunk.start]  # type: ignore[union-attr]
         with prof.host("read", chunk.end - chunk.start):
-            _pread_into(self._fds[chunk.file], view, chunk.start, chunk.file)
+            _pread_into(self._fds[chunk.file], view, chunk.start, chunk.file, "a tensor")
 
     def _copy(self, k: int, chunk: Chunk, partial: dict[int, torch.Tensor], stream: Any, prof: profile.Profiler) -> tuple[list[int], Any]:
         """Queue the chunk's copies; returns the tensors it completed and the event of its copies."""
@@ -167,7 +210,8 @@ def _open(path: Path) -> int:
         raise CorruptSafetensorsError(f"{path}: cannot open ({e.strerror})") from None
 
 
-def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+def _pread_into(fd: int, buf: memoryview, offset: int, path: Path, what: str) -> None:
+    """Fill `buf` from byte `offset` of the file; `what` the bytes belong to names them in errors."""
     done = 0
     while done < len(buf):  # one call reads at most ~2 GiB on Linux
         try:
@@ -175,5 +219,5 @@ def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
         except OSError as e:
             raise CorruptSafetensorsError(f"{path}: cannot read bytes {offset + done}..{offset + len(buf)} ({e.strerror})") from None
         if got == 0:
-            raise CorruptSafetensorsError(f"{path}: ends at byte {offset + done}, inside a tensor (file changed or truncated)")
+            raise CorruptSafetensorsError(f"{path}: ends at byte {offset + done}, inside {what} (file changed or truncated)")
         done += got

@@ -1,4 +1,4 @@
-"""Safetensors headers and reads, validated before any tensor data is touched.
+"""Safetensors headers, validated before any tensor data is touched (reader.py reads the data).
 
 The plan is built from headers alone, so a header is checked as hard as data would be:
 offsets inside the file, no overlaps, byte counts that match dtype and shape.
@@ -224,37 +224,3 @@ def _shards_from_index(index_path: Path) -> dict[str, list[str]]:
             raise CorruptSafetensorsError(f"{index_path}: weight_map[{name!r}] is {shard!r}, expected a file name")
         shards.setdefault(shard, []).append(name)
     return shards
-
-
-class ShardReader:
-    """Reads tensors by byte range, one open handle per shard. Each read is one copy into fresh memory."""
-
-    def __init__(self) -> None:
-        self._files: dict[Path, object] = {}
-
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        got = 0
-        try:
-            f = self._files.get(info.file)
-            if f is None:
-                f = self._files[info.file] = open(info.file, "rb")
-            # One call moves at most ~2 GiB on Linux: resume short reads until the end of the file.
-            while got < info.nbytes:
-                n = os.preadv(f.fileno(), [view[got:]], info.start + got)  # type: ignore[attr-defined]
-                if n == 0:
-                    break
-                got += n
-        except OSError as e:
-            raise CorruptSafetensorsError(f"{info.file}: cannot read {info.name!r} ({e.strerror})") from None
-        if got != info.nbytes:
-            raise CorruptSafetensorsError(
-                f"{info.file}: read {got} of {info.nbytes} bytes of {info.name!r} (file changed or truncated)"
-            )
-        return buf.view(info.dtype).reshape(info.shape)
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()  # type: ignore[attr-defined]
-        self._files.clear()

@@ -20,8 +20,7 @@ from reference import FIXTURES, load_tensors
 from safetensors import safe_open
 
 import lazyxform
-from lazyxform.reader import Reader
-from lazyxform.shards import ShardReader
+from lazyxform.reader import Reader, ShardReader
 
 # Norm and row folds, fused global scales, many experts, the dequantize fallback.
 FIXTURES_UNDER_TEST = ["int8_sq", "nvfp4_awq_lite", "qwen3moe_fp8", "nvfp4_svdquant"]

@@ -10,7 +10,7 @@ import torch
 from reference import FIXTURES, load_tensors
 
 import lazyxform
-from lazyxform.shards import ShardReader
+from lazyxform.reader import ShardReader
 
 CORE_FIXTURES = ["fp8", "fp8_kv_fp8", "fp8_pc_pt", "fp8_2d_blockwise_wo", "int8_default", "int8_sq", "int8_wo", "qwen3moe_fp8"]
 

@@ -26,8 +26,9 @@ from test_hardening import safetensors_bytes
 from lazyxform.errors import LazyxformError
 from lazyxform.modelopt import AlgoConfig, read_modelopt_config
 from lazyxform.planner import build_plan
+from lazyxform.reader import ShardReader
 from lazyxform.recipes import RECIPES
-from lazyxform.shards import DTYPES, ShardReader, index_checkpoint, read_header
+from lazyxform.shards import DTYPES, index_checkpoint, read_header
 
 CASES = {
     "config round trip": 1500,

@@ -14,8 +14,8 @@ from reference import FIXTURES
 
 import lazyxform
 from lazyxform.errors import CorruptSafetensorsError
-from lazyxform.reader import Reader, plan_chunks
-from lazyxform.shards import ShardReader, TensorInfo
+from lazyxform.reader import Reader, ShardReader, plan_chunks
+from lazyxform.shards import TensorInfo
 
 
 def read_each(order: list[TensorInfo]) -> list[tuple[str, torch.Tensor]]:

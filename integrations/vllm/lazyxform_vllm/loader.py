@@ -63,7 +63,7 @@ def install_loader_hook() -> None:
         directory = model_config.hf_config.quantization_config[MARK]["checkpoint"]
         ck = lazyxform.open(directory)  # on the GPU when there is one: vLLM's worker set the device
         logger.info("lazyxform: rewriting the weight stream of %s on %s", directory, ck.device)
-        return lazyxform.profile.maybe_profile(ck.wrap(weights), ck)  # $LAZYXFORM_PROFILE=dir
+        return lazyxform.profile.maybe_profile(ck.wrap(weights), ck.device, ck.nbytes, ck.path.name)  # $LAZYXFORM_PROFILE=dir
 
     get_all_weights.lazyxform_hook = True  # type: ignore[attr-defined]
     DefaultModelLoader.get_all_weights = get_all_weights  # type: ignore[method-assign]
