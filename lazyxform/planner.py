@@ -18,7 +18,7 @@ from .modelopt import ModelOptConfig, fnmatch_regex_source
 from .plan import ModulePlan, Plan, Rule, coalesce
 from .prequant import PQS, plan_pre_quant
 from .recipes import Module, Recipe, Target, recipe_for
-from .recipes.base import Args
+from .recipes.base import Args, describe_target
 from .recipes.kv import KV_SCALE, kv_cache_args, kv_scale_rules
 from .shards import TensorInfo
 from .topology import Topology, topology_of
@@ -175,17 +175,6 @@ def _fused_scale_sets(modules: Quantized, topology: Topology) -> list[list[tuple
         seen.update(present)
         sets.append([modules[s] for s in present])
     return sets
-
-
-def describe_args(a: Any) -> str:
-    """Quantization args (lazyxform's Args or compressed-tensors' QuantizationArgs) in a few words."""
-    detail = {"group": f" g{a.group_size}", "tensor_group": f" g{a.group_size}", "block": f" {list(a.block_structure or ())}"}.get(a.strategy, "")
-    return f"{a.type}{a.num_bits} {a.strategy}{detail}{' dynamic' if a.dynamic else ''}"
-
-
-def describe_target(t: Target) -> str:
-    acts = describe_args(t.input_activations) if t.input_activations else "none"
-    return f"{t.format}: W {describe_args(t.weights)}, A {acts}"
 
 
 def _config_group_names(targets: dict[str, Target]) -> dict[str, str]:

@@ -119,6 +119,17 @@ class Target:
     format: str
 
 
+def describe_args(a: Any) -> str:
+    """Quantization args (lazyxform's Args or compressed-tensors' QuantizationArgs) in a few words."""
+    detail = {"group": f" g{a.group_size}", "tensor_group": f" g{a.group_size}", "block": f" {list(a.block_structure or ())}"}.get(a.strategy, "")
+    return f"{a.type}{a.num_bits} {a.strategy}{detail}{' dynamic' if a.dynamic else ''}"
+
+
+def describe_target(t: Target) -> str:
+    acts = describe_args(t.input_activations) if t.input_activations else "none"
+    return f"{t.format}: W {describe_args(t.weights)}, A {acts}"
+
+
 class Recipe:
     """One ModelOpt number format -> one compressed-tensors scheme, plus the tensor rules.
 

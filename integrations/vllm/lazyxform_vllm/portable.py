@@ -47,7 +47,7 @@ from vllm.model_executor.parameter import (
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from lazyxform.planner import describe_args
+from lazyxform.recipes.base import describe_args
 
 logger: logging.Logger = init_logger(f"vllm.{__name__}")
 
