@@ -114,9 +114,8 @@ def test_light_args_describe_and_resolve_to_compressed_tensors_args():
     from compressed_tensors.quantization import preset_name_to_scheme
 
     from lazyxform.modelopt import AlgoConfig
-    from lazyxform.recipes.base import describe_target
     from lazyxform.recipes import RECIPES
-    from lazyxform.recipes.base import PRESETS, WEIGHT_ONLY_PRESETS, Target
+    from lazyxform.recipes.base import PRESETS, WEIGHT_ONLY_PRESETS, Target, describe_target
     from lazyxform.recipes.kv import kv_cache_args
 
     for (name, role), args in PRESETS.items():

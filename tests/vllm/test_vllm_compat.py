@@ -19,6 +19,7 @@ IMPORTED = {
     "vllm.model_executor.layers.quantization": ["register_quantization_config"],
     "vllm.model_executor.layers.quantization.base_config": ["QuantizeMethodBase"],
     "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors": ["CompressedTensorsConfig"],
+    "vllm.model_executor.layers.quantization.modelopt": ["QUANT_ALGOS"],
     "vllm.model_executor.layers.fused_moe": ["RoutedExperts"],
     "vllm.model_executor.layers.fused_moe.fused_moe_method_base": ["FusedMoEMethodBase"],
     "vllm.model_executor.layers.linear": ["LinearBase", "LinearMethodBase", "register_weight_loader_v2_supported_method"],
@@ -62,7 +63,7 @@ def test_the_methods_it_calls_or_wraps_keep_their_signatures() -> None:
     assert params(DefaultModelLoader.get_all_weights) == HOOKED_SIGNATURE
     assert params(CompressedTensorsConfig.get_scheme_dict) == ("self", "layer", "layer_name")
     assert params(CompressedTensorsConfig._add_fused_moe_to_target_scheme_map) == ("self",)
-    assert params(WeightsMapper._map_name) == ("self", "key")
+    assert params(WeightsMapper.apply_list) == ("self", "values")
     assert params(FusedMoEMethodBase.apply) == ("self", "layer", "x", "topk_weights", "topk_ids", "shared_experts", "shared_experts_input")
     assert params(CompressedTensorsKVCacheMethod.validate_kv_cache_scheme) == ("kv_cache_scheme",)
 

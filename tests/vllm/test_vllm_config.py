@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from vllm.engine.arg_utils import EngineArgs
-from vllm.model_executor.layers.quantization.modelopt import LINEAR_ALGOS
+from vllm.model_executor.layers.quantization.modelopt import QUANT_ALGOS
 from vllm.transformers_utils.config import get_config_parser
 from vllm_support import drop_flat_quantization_config, route
 
 import lazyxform_vllm
-from lazyxform_vllm.config_parser import ModelOptConfigParser
-from lazyxform_vllm.routing import VLLM_NATIVE_ALGOS, serves
+from lazyxform_vllm.config_parser import VLLM_NATIVE_ALGOS, ModelOptConfigParser
+from lazyxform_vllm.routing import serves
 
 
 def model_config(path: Path, route_value: str = "auto", **kwargs):
@@ -29,8 +29,9 @@ def test_registered_as_a_general_plugin() -> None:
 
 
 def test_native_algos_are_vllms() -> None:
-    """`auto` leaves vLLM exactly what it loads itself; this fails when vLLM's list changes."""
-    assert VLLM_NATIVE_ALGOS == set(LINEAR_ALGOS)
+    """`auto` leaves vLLM exactly what it loads itself, read from vLLM's own list."""
+    assert VLLM_NATIVE_ALGOS == set(QUANT_ALGOS) - {"MIXED_PRECISION"}
+    assert {"FP8", "NVFP4"} <= VLLM_NATIVE_ALGOS and "W4A16_AWQ" not in VLLM_NATIVE_ALGOS
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,7 @@ def test_native_algos_are_vllms() -> None:
     ],
 )
 def test_serves(algos: set[str], mode: str, on_cpu: bool, expected: bool) -> None:
-    assert serves(algos, mode, on_cpu) is expected
+    assert serves(algos, mode, on_cpu, VLLM_NATIVE_ALGOS) is expected
 
 
 def test_unknown_route_is_an_error(checkpoint: Callable[[str], Path]) -> None:

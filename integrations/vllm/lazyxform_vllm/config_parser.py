@@ -19,6 +19,7 @@ from typing import Any
 import huggingface_hub
 from transformers import PreTrainedConfig
 from vllm.logger import init_logger
+from vllm.model_executor.layers.quantization.modelopt import QUANT_ALGOS
 from vllm.platforms import current_platform
 from vllm.transformers_utils.config_parser_base import ConfigParserBase
 from vllm.transformers_utils.repo_utils import file_or_path_exists
@@ -31,6 +32,8 @@ logger: logging.Logger = init_logger(f"vllm.{__name__}")
 
 MARK = "lazyxform"  # key of the mark in the quantization config
 HF_QUANT_CONFIG = "hf_quant_config.json"
+# The ModelOpt quant_algo values this vLLM loads itself, from its own list (vLLM 0.26-0.33).
+VLLM_NATIVE_ALGOS = frozenset(QUANT_ALGOS) - {"MIXED_PRECISION"}
 
 
 class ModelOptConfigParser(ConfigParserBase):
@@ -86,7 +89,7 @@ def marked_quantization_config(directory: Path, quant: dict[str, Any] | None, mo
         logger.warning("lazyxform cannot read the ModelOpt config of %s, leaving it to vLLM: %s", directory, e)
         algos, served = set(), False
     else:
-        served = serves(algos, mode, current_platform.is_cpu())
+        served = serves(algos, mode, current_platform.is_cpu(), VLLM_NATIVE_ALGOS)
     if quant is None:  # a legacy export: vLLM itself falls back to this file
         quant = json.loads((directory / HF_QUANT_CONFIG).read_text())
     kv_cache_dropped = None

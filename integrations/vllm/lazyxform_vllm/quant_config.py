@@ -63,7 +63,7 @@ class LazyxformConfig(CompressedTensorsConfig):
         # compressed-tensors' from_config builds `cls`, so the schemes are vLLM's own.
         quant_config = super().from_config(copy.deepcopy(ck.quantization_config))
         quant_config.checkpoint_dir = mark["checkpoint"]
-        quant_config.runtime_pre_quant_scale = frozenset(ck.plan.runtime_pre_quant_scale)
+        quant_config.runtime_pre_quant_scale = frozenset(ck.runtime_pre_quant_scale)
         logger.info(
             "lazyxform: %s as compressed-tensors (format %s), %d quantized modules, %d with a run-time "
             "pre_quant_scale; `lazyxform inspect %s` prints the plan",
@@ -81,8 +81,7 @@ class LazyxformConfig(CompressedTensorsConfig):
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
         super().apply_vllm_mapper(hf_to_vllm_mapper)
-        mapped = (hf_to_vllm_mapper._map_name(name) for name in self.runtime_pre_quant_scale)
-        self.runtime_pre_quant_scale = frozenset(name for name in mapped if name is not None)
+        self.runtime_pre_quant_scale = frozenset(hf_to_vllm_mapper.apply_list(sorted(self.runtime_pre_quant_scale)))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):

