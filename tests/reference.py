@@ -1,7 +1,15 @@
 """Independent references for tests: ModelOpt's dequant formulas as written in the export-format
-notes, read with the safetensors library itself, and compressed-tensors' own decompressor.
+notes (modelopt-export-format.md sections 3-4), read with the safetensors library itself, and
+compressed-tensors' own decompressor. The one decoder of every ModelOpt weight format: the tests,
+tests/vllm/modelopt_reference.py (the dense model reference) and the portable-kernel tests use it.
 
-Nothing here imports lazyxform: a bug shared with the code under test cannot hide here."""
+Nothing here imports lazyxform: a bug shared with the code under test cannot hide here
+(tests/test_modelopt_reference.py checks it).
+
+Precision: FP8 and INT8 weights are decoded in float32 (the product ModelOpt's own dequant forms:
+one fp32 rounding of code x scale); INT4, NVFP4 and MX weights in float64, where every ModelOpt
+product is exact (at most 4 + 3 + 24 significant bits), so they give the exact real value the
+export encodes."""
 
 from __future__ import annotations
 
@@ -15,6 +23,13 @@ from safetensors import safe_open
 
 FIXTURES = Path(__file__).parent / "fixtures" / "modelopt"
 
+# E2M1 code -> value: bit 3 is the sign, bits 0-2 index {0, .5, 1, 1.5, 2, 3, 4, 6}.
+E2M1_TABLE = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
+SVD_A = "weight_quantizer._svdquant_lora_a"
+SVD_B = "weight_quantizer._svdquant_lora_b"
+# Weight formats decoded in float32 (code x scale, one rounding); the others in float64 (exact).
+FP32_DECODED = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "W8A8_SQ_PER_CHANNEL", "W8A16")
+
 
 def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
@@ -26,11 +41,47 @@ def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def hf_quant_algo(ckpt: Path) -> str:
+    """quant_algo of hf_quant_config.json, upper-cased (ModelOpt leaks some in lower case)."""
     return json.loads((Path(ckpt) / "hf_quant_config.json").read_text())["quantization"]["quant_algo"].upper()
 
 
-def modelopt_dequant(algo: str, t: dict[str, torch.Tensor], module: str) -> torch.Tensor:
-    """W in fp32 from ModelOpt's stored tensors (modelopt-export-format.md section 3 and 4)."""
+def algo_of(algo: str) -> str:
+    """The format a quant_algo stores its weights in (W4A8_MXFP4_FP8 weights are MXFP4)."""
+    return {"W4A8_MXFP4_FP8": "MXFP4"}.get(algo, algo)
+
+
+def quantized_modules(t: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k.removesuffix(".weight_scale") for k in t if k.endswith(".weight_scale"))
+
+
+# --- ModelOpt's weight formats ---------------------------------------------------------------------
+
+
+def int4_values(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out/2, in], byte = (q[2i] & 0xF) | (q[2i+1] & 0xF) << 4 -> signed q [out, in]."""
+    nibbles = torch.empty(packed.shape[0] * 2, packed.shape[1], dtype=torch.int64)
+    nibbles[0::2] = (packed & 0x0F).long()
+    nibbles[1::2] = (packed >> 4).long()
+    return torch.where(nibbles >= 8, nibbles - 16, nibbles)
+
+
+def fp4_values(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in/2], low nibble = even column -> E2M1 values [out, in] (float64)."""
+    codes = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.int64)
+    codes[:, 0::2] = (packed & 0x0F).long()
+    codes[:, 1::2] = (packed >> 4).long()
+    return E2M1_TABLE[codes]
+
+
+def per_column(scale: torch.Tensor, block: int) -> torch.Tensor:
+    """Block scales [out, in/block] -> one scale per element [out, in] (float64)."""
+    return scale.double().repeat_interleave(block, dim=1)
+
+
+def modelopt_weight(algo: str, t: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """W as ModelOpt's formulas define it (section 3 table, section 4): float32 for FP32_DECODED,
+    float64 otherwise. NVFP4_SVD: the whole weight, W_res + B @ A."""
+    algo = algo_of(algo)
     w, ws = t[f"{module}.weight"], t[f"{module}.weight_scale"]
     if algo == "FP8":
         return w.float() * ws.float()
@@ -41,11 +92,30 @@ def modelopt_dequant(algo: str, t: dict[str, torch.Tensor], module: str) -> torc
         block = ws.float().squeeze(-1).squeeze(1)  # [out/128, 1, in/128, 1] -> [out/128, in/128]
         full = block.repeat_interleave(128, 0)[:out].repeat_interleave(128, 1)[:, :inp]
         return w.float() * full
+    if algo in ("W4A16_AWQ", "W4A8_AWQ"):
+        q = int4_values(w).double()
+        return q * per_column(ws, q.shape[1] // ws.shape[1])
+    if algo in ("NVFP4", "NVFP4_AWQ", "W4A16_NVFP4", "W4A8_NVFP4_FP8", "NVFP4_SVD"):
+        v = fp4_values(w)
+        residual = v * per_column(ws, v.shape[1] // ws.shape[1]) * t[f"{module}.weight_scale_2"].double()
+        if algo != "NVFP4_SVD":
+            return residual
+        return residual + t[f"{module}.{SVD_B}"].double() @ t[f"{module}.{SVD_A}"].double()
+    exponent = ws.double() - 127  # E8M0
+    if algo == "MXFP8":
+        return w.double() * torch.pow(2.0, exponent).repeat_interleave(32, dim=1)
+    if algo == "MXFP4":
+        return fp4_values(w) * torch.pow(2.0, exponent).repeat_interleave(32, dim=1)
     raise NotImplementedError(algo)
 
 
-def quantized_modules(t: dict[str, torch.Tensor]) -> list[str]:
-    return sorted(k.removesuffix(".weight_scale") for k in t if k.endswith(".weight_scale"))
+def fp32_reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """1/x rounded once to fp32 (via float64: the quotient of two fp32 values cannot sit on an
+    fp32 rounding boundary unless it is exact)."""
+    return (1.0 / x.double()).float().reshape(1)
+
+
+# --- compressed-tensors ----------------------------------------------------------------------------
 
 
 def ct_decompress(quantization_config: dict, module: str, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -56,12 +126,3 @@ def ct_decompress(quantization_config: dict, module: str, out: dict[str, torch.T
     compressor = BaseCompressor.get_value_from_registry(group.get("format") or quantization_config["format"])
     local = {n: out[f"{module}.{n}"] for n in compressor.compression_param_names(scheme) if f"{module}.{n}" in out}
     return compressor.decompress(local, scheme)["weight"]
-
-
-def folded_row_factor(module: str, orig: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The pre_quant_scale of the module reading this module's output rows, when the stream dropped
-    it: folded into these rows."""
-    parent, leaf = module.rsplit(".", 1)
-    consumer = {"up_proj": "down_proj", "w3": "w2", "v_proj": "o_proj"}.get(leaf)
-    key = f"{parent}.{consumer}.pre_quant_scale"
-    return orig[key] if consumer and key in orig and key not in out else None

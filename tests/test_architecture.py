@@ -96,3 +96,17 @@ def test_the_checks_see_real_imports():
     assert {"plan", "planner", "reader", "stream"} <= GRAPH["checkpoint"]
     assert "recipes.base" in GRAPH["recipes.fp8"] and "plan" in GRAPH["recipes.base"]
     assert "profile" in GRAPH["reader"]
+
+
+def test_the_core_tests_import_no_vllm():
+    """Only tests/vllm imports vLLM or the plugin (its conftest needs vLLM): the core suite runs
+    where vLLM is not installed."""
+    tests = Path(__file__).parent
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        if "vllm" in path.relative_to(tests).parts[:-1]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(tests)}: {n}" for n in names if n.split(".")[0] in ("vllm", "lazyxform_vllm")]
+    assert not found, found

@@ -1,3 +1,7 @@
+"""lazyxform/cli.py: `lazyxform inspect` (table and JSON, on every bundled fixture: every module
+and every quantized tensor explained), `--help` / `--version` start-up, exit codes, the lazy
+package surface, Plan's repr. `lazyxform profile`: test_profile.py."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -7,9 +11,11 @@ import sys
 import warnings
 
 import pytest
-from reference import FIXTURES
+from algos import FIXTURE_TABLE
+from reference import FIXTURES, load_tensors, quantized_modules
 
 import lazyxform
+from lazyxform.cli import main, module_pattern
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -108,7 +114,7 @@ def test_public_api_resolves_through_the_lazy_package():
     assert res.stdout.splitlines()[-1] == "['W8A8_SQ_PER_CHANNEL']"
 
 
-@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir()))
+@pytest.mark.parametrize("fixture", sorted(FIXTURE_TABLE))
 def test_plan_repr_is_a_short_summary(fixture):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lazyxform.LazyxformWarning)
@@ -135,3 +141,29 @@ def test_inspect_table_does_not_load_compressed_tensors():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[-1] == "False False"
+
+
+def inspect(capsys, *args: str) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lazyxform.LazyxformWarning)
+        assert main(["inspect", *args]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fixture", sorted(FIXTURE_TABLE))
+def test_inspect_explains_every_module_and_tensor(capsys, fixture):
+    path = FIXTURES / fixture
+    data = json.loads(inspect(capsys, "--json", str(path)))
+    plan, orig = data["plan"], load_tensors(path)
+    assert sorted(m["name"] for m in plan["modules"]) == quantized_modules(orig)
+    for m in plan["modules"]:
+        assert m["algo"] == FIXTURE_TABLE[fixture].algo and m["scheme"] and m["target"] and m["outputs"], m
+        assert set(m["inputs"]) == {k[len(m["name"]) + 1:] for k in orig if k.startswith(m["name"] + ".") and not k.endswith(("k_scale", "v_scale"))}
+    # Whatever passes through untouched is a plain model-dtype tensor, never a quantized one.
+    assert all(str(orig[n].dtype) == "torch.bfloat16" for n in plan["passthrough"]), fixture
+    assert all(g["rules"] for g in plan["groups"])
+
+    table = inspect(capsys, str(path))
+    rows = [line.split()[0] for line in table.splitlines()[2:] if line.startswith("model.")]
+    assert set(rows) == {module_pattern(m["name"]) for m in plan["modules"]}
+    assert f"{len(plan['modules'])} quantized modules" in table

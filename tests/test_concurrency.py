@@ -1,5 +1,6 @@
 """Streams fed by several threads, in any order, give exactly the sequential output; a stream
-abandoned half way lets go of every buffer and file it held."""
+abandoned half way lets go of every buffer and file it held. Exercises checkpoint.py (one
+Checkpoint shared by threads), stream.py (wrap) and reader.py (ShardReader, Reader)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Fuzzing the parsers of untrusted input: ModelOpt configs, safetensors headers and indexes, and
 planning from headers. Any input either parses into something sound or raises a LazyxformError;
 nothing else may escape. Deterministic (derandomized), with a fixed number of cases per target,
-each run proving it ran them all."""
+each run proving it ran them all. Exercises modelopt.py, shards.py, reader.py (ShardReader) and
+planner.py (with every recipe)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from algos import FIXTURE_TABLE
+from helpers import safetensors_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import FIXTURES
 from safetensors import safe_open
 from safetensors.torch import save
-from test_hardening import safetensors_bytes
 
 from lazyxform.errors import LazyxformError
 from lazyxform.modelopt import AlgoConfig, read_modelopt_config
@@ -349,7 +351,7 @@ def test_index_weight_map(shard_dir):
 
 # --- planning from headers ---------------------------------------------------------------------------
 
-PLAN_FIXTURES = sorted(p.name for p in FIXTURES.iterdir())
+PLAN_FIXTURES = sorted(FIXTURE_TABLE)
 LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "x", ""]
 SUFFIXES = ["weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale", "bias", "weight_packed"]
 BASES = {f: (read_modelopt_config(FIXTURES / f), index_checkpoint(FIXTURES / f)) for f in PLAN_FIXTURES}

@@ -1,18 +1,20 @@
 """Untrusted checkpoints: every bad input is refused with a typed error that names the file, the
-tensor, what was expected and what was found; nothing outside the checkpoint is read."""
+tensor, what was expected and what was found; nothing outside the checkpoint is read. Exercises
+shards.py (headers, indexes, paths), modelopt.py (configs), planner.py and recipes/* (header
+checks), reader.py (files changing under a load), stream.py and checks.py (scale values)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import struct
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import copy_fixture, edit_json, rewrite_tensors, shard_checkpoint
+from algos import FIXTURE_TABLE
+from helpers import copy_fixture, edit_json, rewrite_tensors, safetensors_bytes, shard_checkpoint
 from reference import FIXTURES, load_tensors
 from safetensors.torch import save_file
 
@@ -31,13 +33,7 @@ from lazyxform.errors import (
 from lazyxform.reader import Reader
 from lazyxform.shards import MAX_HEADER_BYTES, read_header
 
-ALL_FIXTURES = sorted(p.name for p in FIXTURES.iterdir())
-
-
-def safetensors_bytes(header: dict | bytes, data: bytes = b"", header_len: int | None = None) -> bytes:
-    """A safetensors file written by hand, so that it can be wrong in any way."""
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data
+ALL_FIXTURES = sorted(FIXTURE_TABLE)
 
 
 def entry(dtype: object = "F32", shape: object = (2,), offsets: object = (0, 8)) -> dict:

@@ -1,4 +1,5 @@
-"""Streaming a checkpoint far larger than its memory bound stays within that bound.
+"""Streaming a checkpoint far larger than its memory bound stays within that bound (checkpoint.py
+iteration, stream.py, reader.py).
 
 Two bounds: iterating on the CPU reads one tensor group at a time, so resident memory above the
 baseline stays within a small multiple of the largest group; the pipelined reader of GPU loads

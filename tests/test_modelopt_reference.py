@@ -2,7 +2,7 @@
 vLLM, so this file lives here and reaches the module through sys.path).
 
 - every bundled fixture builds and gives finite log-probabilities;
-- every quantized module's weight is ModelOpt's formula (reference.py / recipe_reference.py decoders)
+- every quantized module's weight is ModelOpt's formula (the shared decoders of reference.py)
   to float32 rounding, and the module computes input quantizer(x * pre_quant_scale) @ W^T;
 - each input quantizer reproduces hand-worked examples of ModelOpt's formulas and is (nearly)
   idempotent;
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipe_reference import SVD_A, SVD_B, algo_of, assert_within, make_mixed, modelopt_weight
-from reference import FIXTURES, load_tensors, modelopt_dequant, quantized_modules
+from algos import FIXTURE_TABLE, fixtures
+from helpers import assert_within, make_mixed
+from reference import FIXTURES, SVD_A, SVD_B, load_tensors, modelopt_weight, quantized_modules
 from tokenizers import Tokenizer
 from torch.nn import functional as F
 
@@ -28,7 +29,7 @@ sys.path.append(str(Path(__file__).parent / "vllm"))
 import modelopt_reference as mr  # noqa: E402
 from tiny_tokenizer import write_tokenizer  # noqa: E402
 
-NAMES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+NAMES = sorted(FIXTURE_TABLE)
 # vllm_support.PROMPTS (not imported: that module imports vLLM).
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -37,8 +38,8 @@ PROMPTS = [
     "Pack my box with five dozen liquor jugs; sphinx of black quartz, judge my vow.",
 ]
 FP32_ROUNDING = 2.0**-24  # one rounding of an exact float64 value to float32
-KV_FIXTURES = ["fp8_kv_fp8", "nvfp4_kv_fp8", "nvfp4_kv_nvfp4", "qwen3moe_fp8"]
-PQS_FIXTURES = ["int4_awq", "int8_sq", "nvfp4_awq_lite", "nvfp4_svdquant", "w4a8_awq"]
+KV_FIXTURES = [f for f in NAMES if FIXTURE_TABLE[f].kv]
+PQS_FIXTURES = fixtures(pre_quant_scale=True)
 
 
 @functools.cache
@@ -63,10 +64,8 @@ def logprobs(name: str, **options) -> torch.Tensor:
 
 
 def modelopt_formula(algo: str, t: dict[str, torch.Tensor], module: str) -> torch.Tensor:
-    """The exact weight, from the decoders the tests share (float64)."""
-    if algo in mr.FP32_DECODED:
-        return modelopt_dequant(algo, t, module).double()
-    return modelopt_weight(algo_of(algo), t, module)
+    """The weight from the decoders the tests share, in float64."""
+    return modelopt_weight(algo, t, module).double()
 
 
 def check_weights(ref: mr.Reference, t: dict[str, torch.Tensor]) -> int:
@@ -117,7 +116,9 @@ def check_module_inputs(ref: mr.Reference, t: dict[str, torch.Tensor]) -> None:
 
 
 def test_every_fixture_is_covered() -> None:
-    assert len(NAMES) == 23
+    assert NAMES == sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+    assert KV_FIXTURES == ["fp8_kv_fp8", "nvfp4_kv_fp8", "nvfp4_kv_nvfp4", "qwen3moe_fp8"]
+    assert PQS_FIXTURES == ["int4_awq", "int8_sq", "nvfp4_awq_lite", "nvfp4_svdquant", "w4a8_awq"]
     for name in NAMES:
         algo, kv = mr.read_algos(FIXTURES / name)
         assert algo in mr.ALGO_ACTIVATION, (name, algo)
@@ -136,7 +137,7 @@ def test_builds_with_finite_logprobs(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_weights_are_modelopt_formulas_and_inputs_modelopt_quantizers(name: str) -> None:
     ref, t = reference(name), load_tensors(FIXTURES / name)
-    assert check_weights(ref, t) == {"nvfp4_mlp_only": 6, "qwen3moe_fp8": 32}.get(name, 14)
+    assert check_weights(ref, t) == FIXTURE_TABLE[name].modules
     check_module_inputs(ref, t)
 
 

@@ -2,8 +2,8 @@
 
 Built from ModelOpt 0.47's export formulas only (the dequantization of its HF export,
 shared/docs/modelopt-export-format.md, "the doc" below), read straight from the safetensors files:
-no lazyxform, no vLLM. Every quantized Linear gets its dequantized weight (the decoders of
-tests/reference.py and tests/recipe_reference.py), `pre_quant_scale` multiplies its input (a forward
+no lazyxform, no vLLM. Every quantized Linear gets its dequantized weight (the shared decoders of
+tests/reference.py), `pre_quant_scale` multiplies its input (a forward
 pre-hook), and, for activation-quantized algos, its input is fake-quantized as ModelOpt's input
 quantizer does at inference of the fake-quantized model. A quantized KV cache (FP8 or NVFP4) is
 fake-quantized with the exported k/v scales. The model itself is transformers' own implementation
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from recipe_reference import SVD_A, SVD_B, algo_of, modelopt_weight
-from reference import load_tensors, modelopt_dequant
+from reference import SVD_A, SVD_B, load_tensors, modelopt_weight
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -37,8 +36,6 @@ E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 ActQuant = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-# Weight formats decoded by tests/reference.py (float32) rather than recipe_reference.py (float64).
-FP32_DECODED = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "W8A8_SQ_PER_CHANNEL", "W8A16")
 # Tensors a quantized module exports besides its weight; none of them is a transformers parameter.
 QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale", SVD_A, SVD_B)
 
@@ -72,9 +69,7 @@ def module_algos(ckpt: Path, modules: list[str]) -> dict[str, str]:
 
 def dequantize(algo: str, tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
     """The module's W in float32 (doc sections 3-4). NVFP4_SVD: W_res + B @ A, the whole weight."""
-    if algo in FP32_DECODED:
-        return modelopt_dequant(algo, tensors, module)
-    return modelopt_weight(algo_of(algo), tensors, module).float()
+    return modelopt_weight(algo, tensors, module).float()
 
 
 # --- ModelOpt's quantizers, as functions of (x, exported scale) ----------------------------------

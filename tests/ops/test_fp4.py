@@ -1,37 +1,17 @@
-"""Property tests of the issue-3 transforms against ModelOpt's layouts (as written in the export
-notes) and compressed-tensors' own unpacking code."""
+"""lazyxform/ops/fp4.py against ModelOpt's layouts (as written in the export notes, decoded by
+reference.py) and compressed-tensors' own unpacking code."""
 
 from __future__ import annotations
 
 import torch
 from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
-from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from recipe_reference import E2M1_TABLE
+from reference import E2M1_TABLE
 
 from lazyxform.ops.fp4 import e2m1_to_float, reciprocal_global_scale, split_block_scales
-from lazyxform.ops.int4 import int4_rows_to_ct_packed
 
 seeds = st.integers(0, 2**31)
-
-
-def modelopt_pack_rows(q: torch.Tensor) -> torch.Tensor:
-    """ModelOpt's pack_int4_in_uint8: byte [i, k] = (q[2i, k] & 0xF) | (q[2i+1, k] & 0xF) << 4."""
-    return ((q[..., 0::2, :] & 0xF) | ((q[..., 1::2, :] & 0xF) << 4)).to(torch.uint8)
-
-
-@settings(max_examples=200, deadline=None)
-@given(experts=st.integers(0, 3), half_rows=st.integers(1, 12), cols=st.integers(1, 70), seed=seeds)
-def test_int4_repack_unpacks_to_modelopts_values_with_compressed_tensors(experts, half_rows, cols, seed):
-    lead = (experts,) if experts else ()
-    q = torch.randint(-8, 8, (*lead, 2 * half_rows, cols), dtype=torch.int32, generator=torch.Generator().manual_seed(seed))
-    packed = int4_rows_to_ct_packed(modelopt_pack_rows(q))
-    assert packed.dtype == torch.int32 and packed.shape == (*lead, 2 * half_rows, -(-cols // 8))
-    assert packed.is_contiguous()
-    for e in range(experts) if experts else [None]:
-        got = unpack_from_int32(packed if e is None else packed[e], 4, torch.Size(q.shape[-2:]))
-        assert torch.equal(got.int(), q if e is None else q[e])
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,4 +1,4 @@
-"""Property tests of the pure transforms against compressed-tensors' own packing code."""
+"""lazyxform/ops/pack.py against compressed-tensors' own unpacking code."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lazyxform.ops.pack import pack_int32_cols
-from lazyxform.recipes.base import row_scaled
 
 shapes = st.tuples(st.integers(1, 9), st.integers(1, 70))
 
@@ -22,14 +21,3 @@ def test_pack_int32_cols_unpacks_with_compressed_tensors(shape, bits, seed):
     assert packed.dtype == torch.int32 and packed.shape == (shape[0], -(-shape[1] * bits // 32))
     assert packed.is_contiguous() and packed.stride(-1) == 1  # engines reinterpret it with .view()
     assert torch.equal(unpack_from_int32(packed, bits, torch.Size(shape)), q)
-
-
-@settings(max_examples=100, deadline=None)
-@given(rows=st.integers(1, 64), groups=st.integers(1, 8), seed=st.integers(0, 2**31))
-def test_row_scaled_multiplies_each_row_once_in_fp32(rows, groups, seed):
-    g = torch.Generator().manual_seed(seed)
-    scale = torch.rand(rows, groups, generator=g) + 0.01
-    factor = (torch.rand(rows, generator=g) + 0.5).to(torch.bfloat16)
-    got = row_scaled(scale, factor)
-    assert torch.equal(got, scale * factor.float()[:, None])
-    assert row_scaled(scale, None) is scale

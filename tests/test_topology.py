@@ -1,7 +1,8 @@
-"""Every issue-3 recipe over MoE naming: Qwen3-MoE (`mlp.experts.{e}.gate_proj|up_proj|down_proj`,
-router `mlp.gate`) and Mixtral (`block_sparse_moe.experts.{e}.w1|w2|w3`, router
-`block_sparse_moe.gate`). The only MoE export is FP8, so each dense fixture's MLPs are cloned into
-experts (recipe_reference.make_moe): every expert must then stream exactly like the dense MLP."""
+"""lazyxform/topology.py through planning and streaming: fused sets and norm consumers under MoE
+naming, Qwen3-MoE (`mlp.experts.{e}.gate_proj|up_proj|down_proj`, router `mlp.gate`) and Mixtral
+(`block_sparse_moe.experts.{e}.w1|w2|w3`, router `block_sparse_moe.gate`). The only MoE export is
+FP8, so each algo's fixture has its MLPs cloned into experts (helpers.make_moe): every expert must
+then stream exactly like the dense MLP, whose exactness tests/test_exactness.py checks."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ import warnings
 
 import pytest
 import torch
-from helpers import copy_fixture, rewrite_tensors
-from recipe_reference import MLP, hf_algo, make_moe, moe_name
+from algos import FIXTURE_TABLE, representatives
+from helpers import MLP, copy_fixture, edit_json, make_moe, moe_name, rename_tensors, rewrite_tensors
 from reference import FIXTURES
 
 import lazyxform
 
-MOE_FIXTURES = ["int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq_lite", "w4a16_nvfp4", "w4a8_nvfp4_fp8", "mxfp8", "mxfp4", "w4a8_mxfp4_fp8", "nvfp4_svdquant"]
 EXPERTS = 2
 
 
@@ -34,7 +34,7 @@ def mlp_of(name: str) -> str | None:
 
 
 @pytest.mark.parametrize("naming", ["qwen3_moe", "mixtral"])
-@pytest.mark.parametrize("fixture", MOE_FIXTURES)
+@pytest.mark.parametrize("fixture", representatives())
 def test_experts_stream_exactly_like_the_dense_mlp(tmp_path, fixture, naming):
     _, dense = stream(FIXTURES / fixture)
     ck, moe = stream(make_moe(fixture, tmp_path, naming))
@@ -51,7 +51,7 @@ def test_experts_stream_exactly_like_the_dense_mlp(tmp_path, fixture, naming):
     assert routers <= set(ck.plan.passthrough)
     assert r"re:model\.layers\..*\." + re.escape(router) in ck.quantization_config["ignore"]
     experts = [m for m in ck.plan.modules if ".experts." in m.name]
-    assert len(experts) == 2 * EXPERTS * 3 and {m.algo for m in experts} == {hf_algo(FIXTURES / fixture)}
+    assert len(experts) == 2 * EXPERTS * 3 and {m.algo for m in experts} == {FIXTURE_TABLE[fixture].algo}
 
 
 @pytest.mark.parametrize("naming", ["qwen3_moe", "mixtral"])
@@ -74,24 +74,23 @@ def test_differing_expert_gate_up_global_scales_are_refused(tmp_path):
         stream(ckpt)
 
 
-def add_gate_up_pre_quant_scale(t: dict[str, torch.Tensor]) -> None:
-    for name in [n for n in t if n.endswith((".gate_proj.weight", ".up_proj.weight"))]:
-        t[name.removesuffix("weight") + "pre_quant_scale"] = torch.linspace(0.8, 1.2, 256).to(torch.bfloat16)
-
-
-def test_post_attention_norm_never_absorbs_a_scale_when_a_router_reads_it(tmp_path):
-    """Experts' (and a dense gate/up's) shared pre_quant_scale stays at run time when a router also
-    reads post_attention_layernorm; without the router the same scale folds into the norm."""
-    moe = make_moe("int4_awq", tmp_path, "qwen3_moe")
-    rewrite_tensors(moe, add_gate_up_pre_quant_scale)
-    dense_with_router = copy_fixture("int4_awq", tmp_path / "router")
-    rewrite_tensors(dense_with_router, add_gate_up_pre_quant_scale)
-    rewrite_tensors(dense_with_router, lambda t: t.update({f"model.layers.{i}.mlp.gate.weight": torch.ones(2, 256, dtype=torch.bfloat16) for i in range(2)}))
-    control = copy_fixture("int4_awq", tmp_path / "control")
-    rewrite_tensors(control, add_gate_up_pre_quant_scale)
-    for ckpt, routed in ((moe, True), (dense_with_router, True), (control, False)):
-        ck, out = stream(ckpt)
-        kept = {m for m in ck.plan.runtime_pre_quant_scale if m.endswith(("gate_proj", "up_proj"))}
-        assert bool(kept) == routed, ckpt
-        norms = [f"model.layers.{i}.post_attention_layernorm.weight" for i in range(2)]
-        assert all(n in ck.plan.passthrough for n in norms) == routed, ckpt
+def test_mixtral_naming_streams_like_qwen3_moe(tmp_path):
+    """Mixtral exports name experts block_sparse_moe.experts.{e}.w1|w2|w3 (gate, down, up) and the
+    router block_sparse_moe.gate; the same tensors must come out under those names."""
+    renames = [(".mlp.experts.", ".block_sparse_moe.experts."), (".gate_proj.", ".w1."), (".down_proj.", ".w2."), (".up_proj.", ".w3."), (".mlp.gate.", ".block_sparse_moe.gate.")]
+    ckpt = copy_fixture("qwen3moe_fp8", tmp_path)
+    rename_tensors(ckpt, renames)
+    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"].update(exclude_modules=["lm_head", "model.embed_tokens", "model.layers.*.block_sparse_moe.gate"]))
+    edit_json(ckpt / "config.json", lambda c: c["quantization_config"].update(ignore=["lm_head", "model.embed_tokens", "model.layers.*.block_sparse_moe.gate"]))
+    qwen = dict(lazyxform.open(FIXTURES / "qwen3moe_fp8", device="cpu"))
+    ck = lazyxform.open(ckpt, device="cpu")
+    mixtral = dict(ck)
+    assert len(mixtral) == len(qwen)
+    for name, tensor in qwen.items():
+        new = name
+        for old, repl in renames:
+            new = new.replace(old, repl)
+        assert torch.equal(mixtral[new], tensor), new
+    merged = [g for g in ck.plan.groups if any(n.endswith(".w1.input_scale") for n in g.inputs)]
+    assert merged and all(any(n.endswith(".w3.input_scale") for n in g.inputs) for g in merged)
+    assert r"re:model\.layers\..*\.block_sparse_moe\.gate" in ck.quantization_config["ignore"]

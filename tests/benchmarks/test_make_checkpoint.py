@@ -16,7 +16,7 @@ from reference import FIXTURES
 import lazyxform
 from lazyxform.reader import Reader
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import make_checkpoint  # noqa: E402
 
 

@@ -1,0 +1,183 @@
+"""The one table of per-algo and per-fixture facts the tests read: what each ModelOpt algo becomes
+(compressed-tensors target, stream outputs, exactness bound, the vLLM scheme it selects) and what
+each bundled fixture holds (its algo, KV-cache algo, which pre_quant_scales fold or stay).
+
+A recipe or fixture without a row fails tests/test_algos.py, by name. Nothing here imports
+lazyxform: the facts are stated, not read back from the code under test.
+
+Bounds are elementwise, relative to reference.modelopt_weight (float32 for FP8/INT8 formats,
+float64 for the others):
+- FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, W8A8_SQ_PER_CHANNEL: 0 (scales stay fp32; bit-exact).
+- W8A16, W4A16_AWQ, W4A8_AWQ: 2^-7 (WNA16 holds the scale in bf16, unit roundoff 2^-8, and
+  dequantizes in bf16, 2^-8).
+- NVFP4, NVFP4_AWQ, W4A16_NVFP4, W4A8_NVFP4_FP8: 2^-8 + 2^-22 (the decompressor returns bf16;
+  weight_scale / (1 / weight_scale_2) is two fp32 roundings).
+- MXFP8, MXFP4, W4A8_MXFP4_FP8: 0 (power-of-two scales times FP8 / E2M1 values: exact in bf16).
+- NVFP4_SVD (dequantized): 2^-8 + 2^-24 (formed exactly in float64, rounded to bf16 through fp32).
+- plus ROW_FOLD_EXTRA where a consumer's pre_quant_scale was folded into the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+FIXTURE_DIR = Path(__file__).parent / "fixtures" / "modelopt"
+
+ROW_FOLD_EXTRA = 2**-22  # ws * pqs is formed in fp32 before the one rounding to the scale dtype
+NORM_FOLD_BOUND = 2**-8  # pqs folded into a bf16 norm weight: g * pqs rounded to bf16
+WNA16_BOUND = 2**-7
+NVFP4_BOUND = 2**-8 + 2**-22
+
+NVFP4_W = ("float", 4, "tensor_group", 16)
+NVFP4_A = ("float", 4, "tensor_group", "local")
+WNA16_OUT = frozenset({"weight_packed", "weight_scale", "weight_shape"})
+NVFP4_OUT = frozenset({"weight_packed", "weight_scale", "weight_global_scale", "input_global_scale"})
+NVFP4_A16_OUT = frozenset({"weight_packed", "weight_scale", "weight_global_scale"})
+
+
+@dataclass(frozen=True)
+class Algo:
+    """What lazyxform makes of one ModelOpt quant_algo."""
+
+    family: str  # the recipe module, lazyxform/recipes/<family>.py
+    fixture: str  # a bundled fixture that exports this algo
+    format: str  # compressed-tensors format; "dense": no scheme, dequantized (the fallback)
+    weights: tuple | None  # (type, num_bits, strategy, group_size) of the target's weights
+    activations: tuple | None  # (type, num_bits, strategy, dynamic); None: weight-only
+    bound: float  # elementwise relative bound of the decompressed weight (module docstring)
+    outputs: frozenset[str]  # a module's tensors in the stream, besides bias and pre_quant_scale
+    scale_dtype: str | None  # dtype of the streamed weight_scale (model dtype: bfloat16 here)
+    # How the stored bits relate to the export (helpers.check_stored_bits): "int4" (re-packed
+    # nibbles, bf16 group scales), "codes" (the same code bytes, block scales repeated), "dense"
+    # (a model-dtype weight); None: the bit-exact value check (bound 0) is the whole check.
+    stored: str | None = None
+    vllm_scheme: str | None = None  # vLLM's compressed-tensors scheme for the target (None: not predicted)
+    fp32_decode_bound: float | None = None  # decoding in fp32 (tests/vllm portable kernels); None: `bound`
+    batched: bool = False  # rules share a `many`: a GPU batch runs all such rules in a few launches
+    row_fold: bool = False  # weight scales absorb a consumer's pre_quant_scale row-wise (per-row fp32/bf16 scales)
+
+    @property
+    def decode_bound(self) -> float:
+        return self.bound if self.fp32_decode_bound is None else self.fp32_decode_bound
+
+
+ALGOS: dict[str, Algo] = {
+    "FP8": Algo("fp8", "fp8", "float-quantized", ("float", 8, "tensor", None), ("float", 8, "tensor", False), 0.0,
+                frozenset({"weight", "weight_scale", "input_scale"}), "float32", fp32_decode_bound=0.0),
+    "FP8_PER_CHANNEL_PER_TOKEN": Algo("fp8", "fp8_pc_pt", "float-quantized", ("float", 8, "channel", None), ("float", 8, "token", True), 0.0,
+                                      frozenset({"weight", "weight_scale"}), "float32", fp32_decode_bound=0.0),
+    "FP8_PB_WO": Algo("fp8", "fp8_2d_blockwise_wo", "float-quantized", ("float", 8, "block", None), ("float", 8, "group", True), 0.0,
+                      frozenset({"weight", "weight_scale"}), "float32", fp32_decode_bound=0.0),
+    "W8A8_SQ_PER_CHANNEL": Algo("int8", "int8_default", "int-quantized", ("int", 8, "channel", None), ("int", 8, "tensor", False), 0.0,
+                                frozenset({"weight", "weight_scale", "input_scale"}), "float32", fp32_decode_bound=0.0, batched=True, row_fold=True),
+    "W8A16": Algo("int8", "int8_wo", "pack-quantized", ("int", 8, "channel", None), None, WNA16_BOUND, WNA16_OUT, "bfloat16",
+                  fp32_decode_bound=2**-8, batched=True, row_fold=True),  # fp32 decode: only the bf16 scale rounds
+    "W4A16_AWQ": Algo("int4", "int4_awq", "pack-quantized", ("int", 4, "group", 128), None, WNA16_BOUND, WNA16_OUT, "bfloat16",
+                      stored="int4", vllm_scheme="WNA16", batched=True, row_fold=True),
+    "W4A8_AWQ": Algo("int4", "w4a8_awq", "pack-quantized", ("int", 4, "group", 128), ("float", 8, "token", True), WNA16_BOUND, WNA16_OUT,
+                     "bfloat16", stored="int4", vllm_scheme="W4A8Fp8", batched=True, row_fold=True),
+    "NVFP4": Algo("fp4", "nvfp4", "nvfp4-pack-quantized", NVFP4_W, NVFP4_A, NVFP4_BOUND, NVFP4_OUT, "float8_e4m3fn",
+                  stored="codes", vllm_scheme="W4A4Fp4", batched=True),
+    "NVFP4_AWQ": Algo("fp4", "nvfp4_awq_lite", "nvfp4-pack-quantized", NVFP4_W, NVFP4_A, NVFP4_BOUND, NVFP4_OUT, "float8_e4m3fn",
+                      stored="codes", vllm_scheme="W4A4Fp4", batched=True),
+    "W4A16_NVFP4": Algo("fp4", "w4a16_nvfp4", "nvfp4-pack-quantized", NVFP4_W, None, NVFP4_BOUND, NVFP4_A16_OUT, "float8_e4m3fn",
+                        stored="codes", vllm_scheme="W4A4Fp4(use_a16)", batched=True),
+    "W4A8_NVFP4_FP8": Algo("fp4", "w4a8_nvfp4_fp8", "nvfp4-pack-quantized", NVFP4_W, None, NVFP4_BOUND, NVFP4_A16_OUT, "float8_e4m3fn",
+                           stored="codes", vllm_scheme="W4A4Fp4(use_a16)", batched=True),
+    "NVFP4_SVD": Algo("fp4", "nvfp4_svdquant", "dense", None, None, 2**-8 + 2**-24, frozenset({"weight"}), None, stored="dense"),
+    "MXFP8": Algo("mx", "mxfp8", "mxfp8-quantized", ("float", 8, "group", 32), ("float", 8, "group", True), 0.0,
+                  frozenset({"weight", "weight_scale"}), "uint8", stored="codes", vllm_scheme="W8A8Mxfp8"),
+    "MXFP4": Algo("mx", "mxfp4", "mxfp4-pack-quantized", ("float", 4, "group", 32), ("float", 4, "group", True), 0.0,
+                  frozenset({"weight_packed", "weight_scale"}), "uint8", stored="codes", vllm_scheme="W4A4Mxfp4"),
+    "W4A8_MXFP4_FP8": Algo("mx", "w4a8_mxfp4_fp8", "mxfp4-pack-quantized", ("float", 4, "group", 32), ("float", 8, "token", True), 0.0,
+                           frozenset({"weight_packed", "weight_scale"}), "uint8", stored="codes", vllm_scheme="W4A8Mxfp4"),
+}  # fmt: skip
+
+# Other names of an algo in ALGOS (same recipe, same output), with no fixture of their own: the
+# tests stream the canonical algo's fixture with the alias written into a copy of its config.
+ALIASES: dict[str, str] = {"FP8_BLOCK_SCALES": "FP8_PB_WO"}
+
+
+def layers(*leaves: str) -> tuple[str, ...]:
+    """model.layers.{0,1}.<leaf> for each leaf (every fixture has two decoder layers)."""
+    return tuple(f"model.layers.{i}.{leaf}" for i in (0, 1) for leaf in leaves)
+
+
+O_PROJ = layers("self_attn.o_proj")
+ALL_LINEARS = tuple(sorted(layers(*(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")), "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")))
+
+
+@dataclass(frozen=True)
+class Fixture:
+    """What one bundled fixture (tests/fixtures/modelopt/<name>) holds."""
+
+    algo: str  # its quant_algo, canonical (upper case)
+    kv: str | None = None  # kv_cache_quant_algo
+    runtime_pqs: tuple[str, ...] = ()  # modules whose pre_quant_scale the engine must apply (GQA o_proj)
+    folded_pqs: tuple[str, ...] = ()  # modules whose pre_quant_scale the stream folds away
+    modules: int = 14  # quantized modules
+    moe: bool = False  # experts (mlp.experts.{e}.*) and routers
+
+    @property
+    def pre_quant_scale(self) -> bool:
+        """The checkpoint has pre_quant_scale tensors."""
+        return bool(self.runtime_pqs or self.folded_pqs)
+
+    @property
+    def target(self) -> Algo:
+        return ALGOS[self.algo]
+
+
+FIXTURE_TABLE: dict[str, Fixture] = {
+    "fp8": Fixture("FP8"),
+    "fp8_2d_blockwise_wo": Fixture("FP8_PB_WO"),
+    "fp8_kv_fp8": Fixture("FP8", kv="FP8"),
+    "fp8_pc_pt": Fixture("FP8_PER_CHANNEL_PER_TOKEN"),
+    # AWQ: down_proj's pqs -> up_proj's rows (INT4 group scales absorb it); GQA keeps o_proj's.
+    "int4_awq": Fixture("W4A16_AWQ", runtime_pqs=O_PROJ, folded_pqs=layers("mlp.down_proj")),
+    "int4_blockwise_wo": Fixture("W4A16_AWQ"),
+    "int8_default": Fixture("W8A8_SQ_PER_CHANNEL"),
+    # SmoothQuant: q/k/v and gate/up pqs -> the norms, down_proj's -> up_proj's rows, o_proj's kept.
+    "int8_sq": Fixture("W8A8_SQ_PER_CHANNEL", runtime_pqs=O_PROJ,
+                       folded_pqs=tuple(sorted(layers("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")))),
+    "int8_wo": Fixture("W8A16"),
+    "mxfp4": Fixture("MXFP4"),
+    "mxfp8": Fixture("MXFP8"),
+    "nvfp4": Fixture("NVFP4"),
+    "nvfp4_awq_clip": Fixture("NVFP4"),
+    "nvfp4_awq_lite": Fixture("NVFP4_AWQ", runtime_pqs=O_PROJ),  # FP8 block scales cannot absorb a row factor
+    "nvfp4_kv_fp8": Fixture("NVFP4", kv="FP8"),
+    "nvfp4_kv_nvfp4": Fixture("NVFP4", kv="NVFP4"),
+    "nvfp4_mlp_only": Fixture("NVFP4", modules=6),
+    "nvfp4_svdquant": Fixture("NVFP4_SVD", folded_pqs=ALL_LINEARS),  # dequantized: pqs multiplied into the columns
+    "qwen3moe_fp8": Fixture("FP8", kv="FP8", modules=32, moe=True),
+    "w4a16_nvfp4": Fixture("W4A16_NVFP4"),
+    "w4a8_awq": Fixture("W4A8_AWQ", runtime_pqs=O_PROJ, folded_pqs=layers("mlp.down_proj")),
+    "w4a8_mxfp4_fp8": Fixture("W4A8_MXFP4_FP8"),
+    "w4a8_nvfp4_fp8": Fixture("W4A8_NVFP4_FP8"),
+}  # fmt: skip
+
+
+def fixtures(**where) -> list[str]:
+    """Fixture names, sorted, whose rows match: fixtures(kv="FP8"), fixtures(family="fp4"),
+    fixtures(dense=False), fixtures(stored="codes"), or any Fixture / Algo field."""
+
+    def matches(f: Fixture) -> bool:
+        for key, want in where.items():
+            if key == "dense":
+                got = f.target.format == "dense"
+            elif hasattr(f, key):
+                got = getattr(f, key)
+            else:
+                got = getattr(f.target, key)
+            if got != want:
+                return False
+        return True
+
+    return sorted(name for name, f in FIXTURE_TABLE.items() if matches(f))
+
+
+def representatives(**where) -> list[str]:
+    """One fixture per algo (ALGOS[algo].fixture), for the algos whose rows match."""
+    return sorted(a.fixture for a in ALGOS.values() if all(getattr(a, k) == v for k, v in where.items()))

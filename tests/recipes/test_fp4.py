@@ -1,0 +1,95 @@
+"""lazyxform/recipes/fp4.py: the NVFP4 family (NVFP4, NVFP4_AWQ, W4A16_NVFP4, W4A8_NVFP4_FP8) and
+NVFP4_SVD (dequantized: the fallback policy is tests/test_fallback.py). Header and value checks,
+fused global scales, the SVD low-rank branch. Every module of every fixture:
+tests/test_exactness.py; the E2M1 and reciprocal transforms: tests/ops/test_fp4.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from algos import ALGOS, FIXTURE_TABLE, fixtures
+from helpers import copy_fixture, edit_json, rewrite_tensors
+from reference import FIXTURES, load_tensors, modelopt_weight, quantized_modules
+
+import lazyxform
+
+
+def poisoned(tmp_path: Path, fixture: str, name: str, edit) -> Path:
+    ckpt = copy_fixture(fixture, tmp_path)
+    rewrite_tensors(ckpt, lambda t: t.update({name: edit(t[name])}))
+    return ckpt
+
+
+def set_at(index: tuple[int, int], value: float):
+    def edit(s: torch.Tensor) -> torch.Tensor:
+        s = s.clone()
+        s[index] = value
+        return s
+
+    return edit
+
+
+def test_nvfp4_block_size_that_is_not_a_multiple_of_16(tmp_path):
+    ckpt = copy_fixture("nvfp4", tmp_path)
+    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"].update(group_size=8))
+    with pytest.raises(lazyxform.UnsupportedAlgoError, match="NVFP4 with group_size 8; only multiples of 16"):
+        lazyxform.open(ckpt, device="cpu")
+
+
+@pytest.mark.parametrize("suffix", ["weight_scale_2", "input_scale"])
+def test_fused_nvfp4_global_scales_must_be_identical(tmp_path, suffix):
+    ckpt = poisoned(tmp_path, "nvfp4", f"model.layers.0.self_attn.v_proj.{suffix}", lambda s: s * 1.5)
+    ck = lazyxform.open(ckpt, device="cpu")
+    with pytest.raises(lazyxform.InconsistentScalesError, match=rf"{suffix} of siblings fused into one GEMM: .*q_proj\.{suffix} and .*v_proj\.{suffix} differ"):
+        list(ck)
+
+
+@pytest.mark.parametrize("fixture", fixtures(family="fp4", dense=False))
+def test_fused_global_scales_are_shared_as_modelopt_exports_them(fixture):
+    """One weight (and, with FP4 activations, input) global scale per fused q/k/v and gate/up GEMM."""
+    out = dict(lazyxform.open(FIXTURES / fixture, device="cpu"))
+    suffixes = [s for s in ("weight_global_scale", "input_global_scale") if s in FIXTURE_TABLE[fixture].target.outputs]
+    assert "weight_global_scale" in suffixes
+    checked = 0
+    for layer in ("model.layers.0", "model.layers.1"):
+        for family in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            if f"{layer}.{family[0]}.weight_packed" not in out:  # nvfp4_mlp_only: attention stays dense
+                continue
+            for suffix in suffixes:
+                values = [out[f"{layer}.{m}.{suffix}"] for m in family]
+                assert all(torch.equal(v, values[0]) for v in values), (layer, family, suffix)
+                checked += 1
+    assert checked >= 2 * len(suffixes)
+
+
+def test_nan_fp8_block_scale(tmp_path):
+    ck = lazyxform.open(poisoned(tmp_path, "w4a16_nvfp4", "model.layers.1.mlp.gate_proj.weight_scale", set_at((0, 3), float("nan"))), device="cpu")
+    with pytest.raises(lazyxform.BadScaleError, match=r"gate_proj\.weight_scale: 1 of 8192 .* index \[0, 3\]"):
+        list(ck)
+
+
+def test_svd_low_rank_factor_of_the_wrong_shape(tmp_path):
+    ckpt = poisoned(tmp_path, "nvfp4_svdquant", "model.layers.0.mlp.up_proj.weight_quantizer._svdquant_lora_b", lambda b: b[:100].contiguous())
+    with pytest.raises(lazyxform.TensorMismatchError, match=r"up_proj\.weight_quantizer\._svdquant_lora_b \(bfloat16 \[100, 32\]\) .*expected bfloat16 or float16 or float32 \[512, 32\]"):
+        lazyxform.open(ckpt, device="cpu")
+
+
+def test_svdquant_effective_map_includes_low_rank_branch_and_pre_quant_scale():
+    """y = (x * pqs) @ (W_res + B @ A)^T against x @ W^T with the dequantized W."""
+    path = FIXTURES / "nvfp4_svdquant"
+    with pytest.warns(lazyxform.LazyxformWarning):
+        out = dict(lazyxform.open(path, device="cpu"))
+    orig = load_tensors(path)
+    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for module in quantized_modules(orig):
+        w_eff = modelopt_weight("NVFP4_SVD", orig, module)
+        pqs = orig[f"{module}.pre_quant_scale"].double()
+        x_in = x[:, : w_eff.shape[1]]
+        want = (x_in * pqs) @ w_eff.T
+        got = x_in @ out[f"{module}.weight"].double().T
+        bound = ALGOS["NVFP4_SVD"].bound * (x_in * pqs).abs() @ w_eff.abs().T + 1e-12
+        assert ((got - want).abs() <= bound).all(), module
+        no_lora = (x_in * pqs) @ modelopt_weight("NVFP4", orig, module).T
+        assert ((no_lora - want).abs() > bound).any(), f"{module}: the check cannot tell a missing low-rank branch"
