@@ -17,7 +17,7 @@ from .fallback import Fallback, plan_dense_fallback
 from .modelopt import ModelOptConfig, fnmatch_regex_source
 from .plan import ModulePlan, Plan, Rule, coalesce
 from .prequant import PQS, plan_pre_quant
-from .recipes import Module, Recipe, Target, recipe_for
+from .recipes import RECIPES, Module, Recipe, Target, recipe_for
 from .recipes.base import Args, describe_target
 from .recipes.kv import KV_SCALE, kv_cache_args, kv_scale_rules
 from .shards import TensorInfo
@@ -52,6 +52,7 @@ def plan_and_config(
     compressed-tensors (seconds), which `lazyxform inspect` without --json never needs."""
     dtype = model_dtype(hf_config)
     topology = topology_of(hf_config)
+    kv_args = kv_cache_args(cfg.kv_cache_algo) if cfg.kv_cache_algo else None  # an unknown one is refused first
     quantized = _quantized_modules(cfg, tensors, dtype)
     all_targets = {name: recipe.target(m.cfg) for name, (m, recipe) in quantized.items()}
     dense = plan_dense_fallback({n: mr for n, mr in quantized.items() if all_targets[n] is None}, fallback, dtype)
@@ -99,7 +100,6 @@ def plan_and_config(
     )
     if dense.warning:
         plan.warnings.append(dense.warning)
-    kv_args = kv_cache_args(cfg.kv_cache_algo) if cfg.kv_cache_algo else None  # refuses an unknown one now
     ignore = _ignore_list(cfg, quantized, tensors) + sorted(dense.modules)
 
     def config() -> dict[str, Any]:
@@ -119,7 +119,7 @@ def _declared(
     """`rules`, after checking that they read and write only what `recipe` declares (a recipe bug
     otherwise: a tensor read twice or written unannounced would reach the engine wrong)."""
     members = list(members)
-    allowed_in = {m.key(s) for m in members for s in reads} | ({row_factor} if row_factor else set())
+    allowed_in = {m.source(s) for m in members for s in reads} | ({row_factor} if row_factor else set())
     allowed_out = {m.key(s) for m in members for s in writes}
     for rule in rules:
         undeclared = sorted((set(rule.inputs) - allowed_in) | (set(rule.outputs) - allowed_out))
@@ -129,7 +129,9 @@ def _declared(
 
 
 def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtype: torch.dtype) -> Quantized:
-    names = sorted(n.removesuffix(".weight_scale") for n in tensors if n.endswith(".weight_scale"))
+    """Every module with a weight scale (under any name a recipe reads it as), and its recipe."""
+    scale_names = {"weight_scale"} | {alt for r in RECIPES.values() for alt, own in r.read_as.items() if own == "weight_scale"}
+    names = sorted({n.rpartition(".")[0] for n in tensors if n.rpartition(".")[2] in scale_names})
     modules: Quantized = {}
     for name in names:
         if cfg.is_excluded(name):
@@ -138,7 +140,13 @@ def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtyp
         if algo is None:
             raise ConfigError(f"{cfg.source}: {name} carries quantization scales but no quant_algo covers it")
         recipe = recipe_for(algo.algo)
-        own = {n[len(name) + 1:]: info for n, info in tensors.items() if n.startswith(name + ".") and not KV_SCALE.match(n)}
+        own: dict[str, TensorInfo] = {}
+        for n, info in tensors.items():
+            if n.startswith(name + ".") and not KV_SCALE.match(n):
+                suffix = recipe.read_as.get(n[len(name) + 1:], n[len(name) + 1:])
+                if suffix in own:
+                    raise UnexpectedTensorError(f"{info.file.name}: {own[suffix].name} and {n} are both the {suffix} of {name}")
+                own[suffix] = info
         allowed = set(recipe.reads) | set(EVERY_MODULE_MAY_HAVE)
         extra = sorted(set(own) - allowed)
         if extra:
@@ -198,7 +206,7 @@ def _compressed_tensors_config(
     for group, names in members.items():
         t = targets[names[0]]
         config_groups[group] = QuantizationScheme(
-            targets=["Linear"] if single else names,
+            targets=single_group_targets(names) if single else names,
             weights=t.weights.resolve(),
             input_activations=t.input_activations and t.input_activations.resolve(),
             format=t.format,
@@ -214,6 +222,16 @@ def _compressed_tensors_config(
         kv_cache_scheme=kv_args and kv_args.resolve(),
     )
     return qc.model_dump(mode="json", exclude_none=True)
+
+
+# Quantized modules that engines do not build as a Linear: a target must name them (vLLM gives its
+# ParallelLMHead a scheme only when one does).
+NOT_LINEAR = ("lm_head",)
+
+
+def single_group_targets(modules: list[str]) -> list[str]:
+    """Targets of the one config group: every Linear, and by name what is quantized but not a Linear."""
+    return ["Linear", *sorted(set(modules) & set(NOT_LINEAR))]
 
 
 def _ignore_list(cfg: ModelOptConfig, modules: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[str]:

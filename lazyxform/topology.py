@@ -4,7 +4,7 @@ are whose input. Planning reads these facts here and nowhere else.
 
 An architecture not listed gets `GENERIC`: fused sets only (engines fuse by leaf name whatever the
 model), and no `pre_quant_scale` fold, which is always correct: every scale is then applied at run
-time by the engine.
+time by the engine. What each family assumes is written beside it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ FUSED_LEAVES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("g
 @dataclass(frozen=True)
 class Topology:
     fused: tuple[tuple[str, ...], ...] = FUSED_LEAVES
-    # norm leaf -> (parent, the leaves it alone feeds): a pre_quant_scale shared by all of them folds
-    # into the norm's weight (norm(x) * g * s).
+    # norm (its path under the decoder layer) -> (parent, the leaves it alone feeds): a
+    # pre_quant_scale shared by all of them folds into the norm's weight (norm(x) * g * s).
     norm_consumers: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     # The leaves of a plain MLP: anything else under `mlp.` (a router, a shared expert) also reads
     # the post-attention norm, which then cannot absorb the MLP's scale.
@@ -50,8 +50,44 @@ LLAMA = Topology(
     row_producers={"down_proj": "up_proj", "w2": "w3", "o_proj": "v_proj"},
     through_attention=frozenset({"o_proj"}),
 )
+# Phi-3 stores q/k/v and gate/up pre-fused (`qkv_proj`, `gate_up_proj`): each is a fused set of one,
+# fed by a Llama-style norm. down_proj's input is the up HALF of gate_up_proj's rows, and o_proj's the
+# v rows of qkv_proj: no whole-module row producer, so those scales stay at run time.
+PHI3 = Topology(
+    norm_consumers={
+        "input_layernorm": ("self_attn", ("qkv_proj",)),
+        "post_attention_layernorm": ("mlp", ("gate_up_proj",)),
+    },
+    mlp_leaves=frozenset({"gate_up_proj", "down_proj"}),
+)
+# Gemma's RMSNorm multiplies by (1 + weight): a fold would store (1 + w) * s - 1 in the model dtype,
+# whose rounding error is relative to |(1 + w) * s - 1|, unbounded against the effective (1 + w) * s
+# when that is small; so no norm folds (and its MLP norm is pre_feedforward_layernorm, not
+# post_attention_layernorm, which normalizes attention's output). Row folds are Llama's.
+GEMMA = Topology(
+    row_producers=LLAMA.row_producers,
+    through_attention=LLAMA.through_attention,
+)
+# DeepSeek-V2/V3 (MLA): input_layernorm feeds q_a_proj and kv_a_proj_with_mqa, which vLLM runs as one
+# GEMM (fused_qkv_a_proj); q_a_layernorm feeds only q_b_proj, kv_a_layernorm only kv_b_proj (whose
+# weight vLLM absorbs into attention at load time, so its scale cannot wait for run time). Dense
+# layers' MLPs are Llama's; MoE layers (router, shared and routed experts under `mlp.`) fold no norm.
+DEEPSEEK = Topology(
+    fused=(*FUSED_LEAVES, ("q_a_proj", "kv_a_proj_with_mqa")),
+    norm_consumers={
+        "input_layernorm": ("self_attn", ("q_a_proj", "kv_a_proj_with_mqa")),
+        "self_attn.q_a_layernorm": ("self_attn", ("q_b_proj",)),
+        "self_attn.kv_a_layernorm": ("self_attn", ("kv_b_proj",)),
+        "post_attention_layernorm": ("mlp", ("gate_proj", "up_proj")),
+    },
+    mlp_leaves=LLAMA.mlp_leaves,
+    row_producers={"down_proj": "up_proj"},
+)
 FAMILIES: dict[str, Topology] = {
-    model_type: LLAMA for model_type in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral")
+    **{model_type: LLAMA for model_type in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral")},
+    "phi3": PHI3,
+    **{model_type: GEMMA for model_type in ("gemma", "gemma2", "gemma3", "gemma3_text")},
+    **{model_type: DEEPSEEK for model_type in ("deepseek_v2", "deepseek_v3")},
 }
 
 

@@ -41,7 +41,14 @@ class Module:
     model_dtype: torch.dtype
 
     def key(self, suffix: str) -> str:
+        """The compressed-tensors name of this module's tensor `suffix`."""
         return f"{self.name}.{suffix}"
+
+    def source(self, suffix: str) -> str:
+        """The checkpoint name of the tensor read as `suffix`: another name when the recipe reads it
+        under one (`Recipe.read_as`), else the same as `key`."""
+        info = self.tensors.get(suffix)
+        return info.name if info is not None else self.key(suffix)
 
     def info(self, suffix: str) -> TensorInfo:
         info = self.tensors.get(suffix)
@@ -147,6 +154,8 @@ class Recipe:
     reads: ClassVar[tuple[str, ...]] = ("weight", "weight_scale")
     shared: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ("weight", "weight_scale")
+    # Other checkpoint names of a tensor in `reads`: checkpoint suffix -> the suffix it is read as.
+    read_as: ClassVar[dict[str, str]] = {}
     # True when per-output-row scales can absorb a factor exactly (pre_quant_scale row folds).
     row_scalable: ClassVar[bool] = False
     # The weight dimension along which two 4-bit values share a byte (None: one value per element).

@@ -69,12 +69,19 @@ class Fp8PerChannelRecipe(Recipe):
 
 
 class Fp8BlockRecipe(Recipe):
-    """W = fp8 * weight_scale per 128x128 block. ModelOpt keeps the quantizer's keep-dim amax shape
-    [out/128, 1, in/128, 1]; compressed-tensors wants [out/128, in/128]. Activations: dynamic per
-    token-group of 128, as vLLM's native FP8_PB_WO path runs them. FP8_BLOCK_SCALES is the same
-    export under the name early block-FP8 releases (and MoE experts in MIXED_PRECISION configs) use."""
+    """W = fp8 * weight_scale per 128x128 block; compressed-tensors wants the scale as [out/128, in/128].
+    Activations: dynamic per token-group of 128, as vLLM's native FP8_PB_WO path runs them.
 
-    algos = ("FP8_PB_WO", "FP8_BLOCK_SCALES")
+    - FP8_PB_WO: ModelOpt keeps the quantizer's keep-dim amax shape [out/128, 1, in/128, 1].
+    - FP8_PB_REAL (`fp8_pb_real`): weights ModelOpt received already block-quantized; it exports the
+      quantizer's own scale, [out/128, in/128].
+    - FP8_BLOCK_SCALES: TensorRT-LLM's name for the same layout, used by NVIDIA's releases (MoE experts
+      in MIXED_PRECISION configs), whose scale may be stored as `weight_scale_inv`, [out/128, in/128]:
+      a multiplier despite its name, as in DeepSeek's own FP8 release.
+    """
+
+    algos = ("FP8_PB_WO", "FP8_PB_REAL", "FP8_BLOCK_SCALES")
+    read_as = {"weight_scale_inv": "weight_scale"}
 
     def target(self, cfg: AlgoConfig) -> Target:
         return Target(
@@ -87,12 +94,15 @@ class Fp8BlockRecipe(Recipe):
         out, inp = self.weight_shape(m)
         ob, ib = -(-out // BLOCK), -(-inp // BLOCK)
         expect(m.info("weight"), (FP8,), (out, inp))
-        expect(m.info("weight_scale"), (torch.float32,), (ob, 1, ib, 1))
+        keep_dim = len(m.info("weight_scale").shape) == 4
+        expect(m.info("weight_scale"), (torch.float32,), (ob, 1, ib, 1) if keep_dim else (ob, ib))
+        src = m.source("weight_scale")
+        layout = "[out/128, 1, in/128, 1] -> [out/128, in/128]" if keep_dim else "[out/128, in/128], unchanged"
         return [
             passthrough(m.key("weight")),
             scale_rule(
-                "weight_scale: [out/128, 1, in/128, 1] -> [out/128, in/128]",
-                m.key("weight_scale"),
+                f"{src.rsplit('.', 1)[1]}: {layout}",
+                src,
                 m.key("weight_scale"),
                 lambda s: s.reshape(ob, ib),
             ),

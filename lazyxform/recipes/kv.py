@@ -23,7 +23,14 @@ def kv_cache_args(algo: str) -> Args:
         return Args(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
     if algo == "NVFP4":
         return Args(num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16, dynamic="local")
-    raise UnsupportedAlgoError(f"kv_cache_quant_algo {algo!r} is not supported (supported: FP8, NVFP4)")
+    raise UnsupportedAlgoError(f"kv_cache_quant_algo {algo!r} is not supported{UNSUPPORTED_KV.get(algo, '')} (supported: FP8, NVFP4)")
+
+
+# Why the KV-cache formats ModelOpt names but lazyxform refuses have no compressed-tensors form.
+UNSUPPORTED_KV = {
+    "NVFP4_AFFINE": ": NVFP4 with a per-channel offset (k_bias, v_bias), which compressed-tensors' float formats cannot carry",
+    "INT8": ": ModelOpt 0.47 does not export it, and no engine's compressed-tensors path runs an int8 KV cache",
+}
 
 
 def kv_scale_rules(tensors: dict[str, TensorInfo]) -> list[Rule]:
