@@ -76,6 +76,7 @@ def main() -> None:
         except EngineFailed as e:
             res["served"] = False
             res["error_head"] = error_head(str(e))
+            res["frames"] = [l.strip() for l in str(e).splitlines() if l.strip().startswith("File ")][-12:]
             print(json.dumps(res, indent=1))
             if args.json:
                 Path(args.json).write_text(json.dumps(res, indent=1))
