@@ -300,7 +300,9 @@ class Reference:
             dense[f"{m}.weight"] = w
             hooks[m] = (None if pqs is None else pqs.to(dtype), act, scale)
         missing, unexpected = self.model.load_state_dict(dense, strict=False)
-        missing = [k for k in missing if ".experts." not in k]
+        # Experts are replaced below; a tied lm_head (Gemma 3) is the embedding, which was loaded.
+        tied = getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False)
+        missing = [k for k in missing if ".experts." not in k and not (tied and k == "lm_head.weight")]
         assert not missing and not unexpected, (missing, unexpected)
         for m, (pqs, act, scale) in hooks.items():
             self._hook(m, pqs, act, scale, low_rank.get(m))
