@@ -28,6 +28,11 @@ from .schemes import PortableScheme, PreQuantScaleScheme
 logger = logging.getLogger(__name__)
 
 
+# The fusions of SGLang's stacked_params_mapping in its Llama-family models, many of which declare no
+# packed_modules_mapping (llama.py does not).
+FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
 class UnsupportedSglangSchemeError(lazyxform.UnsupportedAlgoError):
     """SGLang has no kernel path for a layer's compressed-tensors scheme."""
 
@@ -102,9 +107,10 @@ class LazyxformConfig(CompressedTensorsConfig):
 
     def _checkpoint_modules(self, prefix: str) -> list[str]:
         """The checkpoint modules behind an SGLang layer: the members of a fused layer (qkv_proj ->
-        q_proj, k_proj, v_proj, per the model's packed_modules_mapping), else the layer itself."""
+        q_proj, k_proj, v_proj, per the model's packed_modules_mapping, else SGLang's usual fusions),
+        else the layer itself."""
         parent, dot, leaf = prefix.rpartition(".")
-        members = self.packed_modules_mapping.get(leaf)
+        members = self.packed_modules_mapping.get(leaf) or FUSED.get(leaf)
         return [f"{parent}{dot}{m}" for m in members] if members else [prefix]
 
 
