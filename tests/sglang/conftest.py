@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-SGLANG = importlib.util.find_spec("sglang") is not None
+# With tests/ on sys.path this very directory is a namespace package named sglang: only a real
+# package (one with an origin) counts.
+_spec = importlib.util.find_spec("sglang")
+SGLANG = _spec is not None and _spec.origin is not None
 
 if SGLANG:
     # SGLang's CPU engine, chosen before SGLang reads it; sglang_support and the shared references.
