@@ -199,3 +199,9 @@ def test_cpu_layers_run_the_portable_scheme() -> None:
     layer = stand_in(LinearBase)
     config.get_quant_method(layer, "model.layers.0.self_attn.o_proj")
     assert isinstance(layer.scheme, PreQuantScaleScheme) and isinstance(layer.scheme.inner, PortableScheme)
+    # MX input quantizers, which SGLang's scheme map drops for formats it has no GPU scheme for, are kept.
+    for name, bits in (("mxfp4", 4), ("mxfp8", 8)):
+        layer = stand_in(LinearBase)
+        lazyxform_config(FIXTURES / name).get_quant_method(layer, "model.layers.0.mlp.down_proj")
+        acts = layer.scheme.scheme.activations
+        assert (acts.type, acts.num_bits, acts.group_size, acts.dynamic) == ("float", bits, 32, True), name

@@ -9,6 +9,7 @@ from typing import Any
 
 import sglang
 import torch
+from compressed_tensors.quantization import QuantizationArgs
 from sglang.srt.layers.linear import LinearBase
 from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 from sglang.srt.layers.quantization.base_config import QuantizeMethodBase
@@ -62,7 +63,19 @@ class LazyxformConfig(CompressedTensorsConfig):
         )
         for warning in ck.plan.warnings:
             logger.warning("lazyxform: %s", warning)
+        if is_cpu():
+            quant_config.restore_input_activations(config)
         return quant_config
+
+    def restore_input_activations(self, config: dict[str, Any]) -> None:
+        """SGLang keeps a group's input_activations only for the formats its GPU schemes quantize
+        activations in (is_activation_quantization_format: not mxfp4-pack-quantized or
+        mxfp8-quantized, which it has no linear scheme for). The portable CPU scheme computes the
+        checkpoint's whole scheme, so it gets them back."""
+        for group in config["config_groups"].values():
+            if group.get("input_activations"):
+                for target in group["targets"]:
+                    self.target_scheme_map[target]["input_activations"] = QuantizationArgs.model_validate(group["input_activations"])
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):
