@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"shards", "modelopt", "topology", "ops"},
     {"plan"},
     {"recipes"},
-    {"fallback", "prequant"},
+    {"fallback", "prequant", "emulate"},
     {"planner"},
     {"reader", "stream"},
     {"checkpoint"},

@@ -13,17 +13,18 @@ from helpers import assert_within, folded_row_factor
 from reference import FIXTURES, ct_decompress, load_tensors, modelopt_weight, quantized_modules
 
 import lazyxform
+from lazyxform import emulate
 from lazyxform_vllm import portable
 
 # Fixtures with one compressed-tensors scheme for every quantized Linear (NVFP4_SVD is dense).
 DECODED = fixtures(dense=False)
 
 
-def scheme_of(quantization_config: dict, module: str) -> portable.Scheme:
+def scheme_of(quantization_config: dict, module: str) -> emulate.Scheme:
     groups = quantization_config["config_groups"].values()
     group = next(g for g in groups if "Linear" in g["targets"] or module in g["targets"])
     scheme = QuantizationScheme.model_validate(group)
-    return portable.Scheme(group.get("format") or quantization_config["format"], scheme.weights, scheme.input_activations)
+    return emulate.Scheme(group.get("format") or quantization_config["format"], scheme.weights, scheme.input_activations)
 
 
 @pytest.mark.parametrize("name", DECODED)
@@ -39,7 +40,7 @@ def test_decoded_weights_are_the_checkpoints(name: str) -> None:
         want = modelopt_weight(algo, orig, module).double()
         rows, cols = want.shape
         names = portable.linear_parameters(scheme, [rows], cols, torch.bfloat16)
-        got = portable.decode_weight(scheme, {n: out[f"{module}.{n}"] for n in names}, [rows])
+        got = emulate.decode_weight(scheme, {n: out[f"{module}.{n}"] for n in names}, [rows])
         assert got.dtype == torch.float32
         rel = FIXTURE_TABLE[name].target.decode_bound  # decoded in fp32: W8A16's scale is the only rounding
         factor = folded_row_factor(module, orig, out)
@@ -55,13 +56,13 @@ def args(**kw) -> QuantizationArgs:
     return QuantizationArgs(**kw)
 
 
-def scheme(fmt: str, activations: QuantizationArgs | None) -> portable.Scheme:
-    return portable.Scheme(fmt, args(num_bits=8, type="float", strategy="tensor"), activations)
+def scheme(fmt: str, activations: QuantizationArgs | None) -> emulate.Scheme:
+    return emulate.Scheme(fmt, args(num_bits=8, type="float", strategy="tensor"), activations)
 
 
 def test_fp4_rounding_ties_to_even_and_saturates() -> None:
     x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.3, -2.6, 0.0])
-    assert portable.round_fp4(x).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -0.5, -3.0, 0.0]
+    assert emulate.round_fp4(x).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -0.5, -3.0, 0.0]
 
 
 def test_nvfp4_input_block() -> None:
@@ -69,8 +70,8 @@ def test_nvfp4_input_block() -> None:
     each x * g / 4 rounds to E2M1, times 4 / g."""
     x = torch.tensor([[12.0, -6.0, 1.0, 0.9, 3.1, 0.0, 7.0, -12.0] + [0.5] * 8])
     a = args(num_bits=4, type="float", strategy="tensor_group", group_size=16, dynamic="local")
-    s = portable.Scheme("nvfp4-pack-quantized", args(num_bits=4, type="float", strategy="tensor_group", group_size=16), a)
-    got = portable.quantize_input(s, x, {"input_global_scale": torch.tensor([2.0])})
+    s = emulate.Scheme("nvfp4-pack-quantized", args(num_bits=4, type="float", strategy="tensor_group", group_size=16), a)
+    got = emulate.quantize_input(s, x, {"input_global_scale": torch.tensor([2.0])})
     # 0.9 * 2 / 4 = 0.45 -> 0.5; 7 * 2 / 4 = 3.5 -> 4 and 0.5 * 2 / 4 = 0.25 -> 0: ties go to the even code.
     want = [12.0, -6.0, 1.0, 1.0, 3.0, 0.0, 8.0, -12.0] + [0.0] * 8
     assert got.tolist() == [want]
@@ -83,39 +84,39 @@ def test_mx_input_block_scale_is_compressed_tensors() -> None:
     x[0, 0], x[0, 1] = 5.0, 0.7
     x[1, 0], x[1, 1] = 7.0, 0.7
     a4 = args(num_bits=4, type="float", strategy="group", group_size=32, dynamic=True)
-    got = portable.quantize_input(portable.Scheme("mxfp4-pack-quantized", a4, a4), x, {})
+    got = emulate.quantize_input(emulate.Scheme("mxfp4-pack-quantized", a4, a4), x, {})
     assert got[0, :2].tolist() == [4.0, 0.5] and got[1, :2].tolist() == [8.0, 1.0]
     a8 = args(num_bits=8, type="float", strategy="group", group_size=32, dynamic=True)
-    got8 = portable.quantize_input(portable.Scheme("mxfp8-quantized", a8, a8), x[:1], {})
+    got8 = emulate.quantize_input(emulate.Scheme("mxfp8-quantized", a8, a8), x[:1], {})
     assert torch.equal(got8[0, :2], torch.tensor([5.0, 0.7]).div(2**-6).to(torch.float8_e4m3fn).float() * 2**-6)
 
 
 def test_fp8_and_int8_inputs() -> None:
     x = torch.tensor([[1.0, -3.0, 0.1], [100.0, 2.0, -0.01]])
     static_fp8 = scheme("float-quantized", args(num_bits=8, type="float", strategy="tensor"))
-    got = portable.quantize_input(static_fp8, x, {"input_scale": torch.tensor([0.1])})
+    got = emulate.quantize_input(static_fp8, x, {"input_scale": torch.tensor([0.1])})
     assert torch.equal(got, (x / 0.1).clamp(-448, 448).to(torch.float8_e4m3fn).float() * torch.tensor(0.1))
     token = scheme("float-quantized", args(num_bits=8, type="float", strategy="token", dynamic=True))
-    got = portable.quantize_input(token, x, {})
+    got = emulate.quantize_input(token, x, {})
     assert got[0, 1] == -3.0 and got[1, 0] == 100.0  # each row's amax maps to 448 exactly
     int8 = scheme("int-quantized", args(num_bits=8, type="int", strategy="tensor"))
-    got = portable.quantize_input(int8, x, {"input_scale": torch.tensor([0.5])})
+    got = emulate.quantize_input(int8, x, {"input_scale": torch.tensor([0.5])})
     assert got.tolist() == [[1.0, -3.0, 0.0], [63.5, 2.0, -0.0]]  # 100 / 0.5 = 200 clamps to 127
     int8_token = scheme("int-quantized", args(num_bits=8, type="int", strategy="token", dynamic=True))
-    got = portable.quantize_input(int8_token, x, {})
+    got = emulate.quantize_input(int8_token, x, {})
     step = 3 / 127  # row 0's scale: amax 3 maps to 127; 1.0 -> 42.33 steps -> 42, 0.1 -> 4.23 -> 4
     assert got[0].tolist() == pytest.approx([42 * step, -3.0, 4 * step])
     assert got[1, 0] == 100.0 and got[1, 2] == 0.0  # row 1: scale 100/127; -0.01 rounds to 0
     group = scheme("float-quantized", args(num_bits=8, type="float", strategy="group", group_size=128, dynamic=True))
     wide = torch.cat([torch.full((1, 128), 1.0), torch.full((1, 128), 300.0)], dim=1)
-    assert torch.equal(portable.quantize_input(group, wide, {}), wide)  # one scale per 128-column group
+    assert torch.equal(emulate.quantize_input(group, wide, {}), wide)  # one scale per 128-column group
 
 
 def test_auto_uses_portable_only_where_vllm_cpu_has_no_exact_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    int4 = portable.Scheme("pack-quantized", args(num_bits=4, type="int", strategy="group", group_size=128), None)
-    int8 = portable.Scheme("int-quantized", args(num_bits=8, type="int", strategy="channel"), args(num_bits=8, type="int", strategy="tensor"))
-    nvfp4 = portable.Scheme("nvfp4-pack-quantized", args(num_bits=4, type="float", strategy="tensor_group", group_size=16), None)
+    int4 = emulate.Scheme("pack-quantized", args(num_bits=4, type="int", strategy="group", group_size=128), None)
+    int8 = emulate.Scheme("int-quantized", args(num_bits=8, type="int", strategy="channel"), args(num_bits=8, type="int", strategy="tensor"))
+    nvfp4 = emulate.Scheme("nvfp4-pack-quantized", args(num_bits=4, type="float", strategy="tensor_group", group_size=16), None)
     int4_native = portable.vllm_cpu_computes(int4)  # loads the vLLM library this CPU gets
     assert int4_native == hasattr(torch.ops._C, "cpu_gemm_wna16")
     assert portable.vllm_cpu_computes(int8) and not portable.vllm_cpu_computes(nvfp4)

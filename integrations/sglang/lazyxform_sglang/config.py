@@ -1,0 +1,72 @@
+"""The quantization config SGLang sees: a ModelOpt checkpoint presented as compressed-tensors.
+
+`ModelConfig._parse_quant_hf_config` is where SGLang reads a checkpoint's quantization config, from
+config.json or, for a legacy export, hf_quant_config.json; `_verify_quantization` picks the method
+from what it returns, and `get_quant_config` later builds the method's config from
+`hf_config.quantization_config`. The hook answers, for a checkpoint lazyxform serves, lazyxform's
+compressed-tensors config plus a MARK entry (the local checkpoint directory, which the weight-stream
+hook needs in the scheduler process), and writes the same into `hf_config.quantization_config`, so
+every later reader, SGLang's model code included, sees one config: compressed-tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sglang
+from sglang.srt.utils import is_cpu
+
+import lazyxform
+
+from .routing import Route, route, serves
+
+logger = logging.getLogger(__name__)
+
+MARK = "lazyxform"  # key of the mark in the quantization config
+# An explicit --quantization other than these is the user's choice and is respected.
+COMPRESSED_TENSORS = (None, "compressed-tensors", "compressed_tensors")
+
+
+def parse_quant_hf_config(original: Callable[[Any], dict | None], model_config: Any) -> dict | None:
+    """AROUND hook of ModelConfig._parse_quant_hf_config."""
+    quant = original(model_config)
+    if isinstance(quant, dict) and MARK in quant:  # presented by an earlier call
+        return quant
+    mode = route()
+    directory = Path(model_config.model_path)
+    if mode == "off" or not directory.is_dir() or not lazyxform.is_modelopt_checkpoint(directory):
+        return quant
+    if model_config.quantization not in COMPRESSED_TENSORS:
+        logger.info("lazyxform: --quantization %s given for %s; left to SGLang", model_config.quantization, directory)
+        return quant
+    if not served(directory, mode):
+        return quant
+    presented = presented_config(directory)
+    model_config.hf_config.quantization_config = presented
+    return copy.deepcopy(presented)
+
+
+def served(directory: Path, mode: Route) -> bool:
+    try:
+        algos = lazyxform.read_modelopt_algos(directory)
+    except lazyxform.LazyxformError as e:
+        if mode == "all":
+            raise
+        # Unreadable to lazyxform is not necessarily unreadable to SGLang: leave it to SGLang.
+        logger.warning("lazyxform cannot read the ModelOpt config of %s, leaving it to SGLang: %s", directory, e)
+        return False
+    if not serves(algos, mode, sglang.__version__, is_cpu()):
+        return False
+    logger.info("lazyxform serves %s (ModelOpt %s) through compressed-tensors", directory, ", ".join(sorted(algos)))
+    return True
+
+
+def presented_config(directory: Path) -> dict[str, Any]:
+    """lazyxform's compressed-tensors quantization config of the checkpoint, marked. Configs and
+    safetensors headers only: no tensor is read."""
+    ck = lazyxform.open(directory, device="cpu")
+    return {**copy.deepcopy(ck.quantization_config), MARK: {"checkpoint": str(directory.resolve())}}

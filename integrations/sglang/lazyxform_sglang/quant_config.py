@@ -1,0 +1,136 @@
+"""SGLang's compressed-tensors config for a checkpoint lazyxform presented, plus what its
+compressed-tensors path cannot express: run-time pre_quant_scale, CPU kernels, named refusals."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import sglang
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from sglang.srt.layers.linear import LinearBase
+from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+from sglang.srt.layers.quantization.base_config import QuantizeMethodBase
+from sglang.srt.layers.quantization.compressed_tensors.compressed_tensors import (
+    CompressedTensorsConfig,
+    CompressedTensorsLinearMethod,
+)
+from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+from sglang.srt.utils import is_cpu
+
+import lazyxform
+from lazyxform.emulate import Scheme
+
+from .config import MARK
+from .schemes import PortableScheme, PreQuantScaleScheme
+
+logger = logging.getLogger(__name__)
+
+
+# The fusions of SGLang's stacked_params_mapping in its Llama-family models, many of which declare no
+# packed_modules_mapping (llama.py does not).
+FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+class UnsupportedSglangSchemeError(lazyxform.UnsupportedAlgoError):
+    """SGLang has no kernel path for a layer's compressed-tensors scheme."""
+
+
+class LazyxformConfig(CompressedTensorsConfig):
+    checkpoint_dir: str
+    algos: str  # the checkpoint's ModelOpt quant_algo values, for messages
+    # Checkpoint names of the modules whose input is scaled at run time.
+    runtime_pre_quant_scale: frozenset[str]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LazyxformConfig:
+        quant_config = super().from_config(config)  # builds `cls`: the schemes are SGLang's own
+        directory = config[MARK]["checkpoint"]
+        ck = lazyxform.open(directory, device="cpu")  # configs and headers only
+        quant_config.checkpoint_dir = directory
+        quant_config.algos = ", ".join(sorted(lazyxform.read_modelopt_algos(directory)))
+        quant_config.runtime_pre_quant_scale = frozenset(ck.plan.runtime_pre_quant_scale)
+        logger.info(
+            "lazyxform: %s as compressed-tensors (format %s), %d quantized modules, %d with a run-time "
+            "pre_quant_scale; `lazyxform inspect %s` prints the plan",
+            directory,
+            config.get("format"),
+            len(ck.plan.modules),
+            len(quant_config.runtime_pre_quant_scale),
+            directory,
+        )
+        for warning in ck.plan.warnings:
+            logger.warning("lazyxform: %s", warning)
+        if is_cpu():
+            quant_config.restore_input_activations(config)
+        return quant_config
+
+    def restore_input_activations(self, config: dict[str, Any]) -> None:
+        """SGLang keeps a group's input_activations only for the formats its GPU schemes quantize
+        activations in (is_activation_quantization_format: not mxfp4-pack-quantized or
+        mxfp8-quantized, which it has no linear scheme for). The portable CPU scheme computes the
+        checkpoint's whole scheme, so it gets them back."""
+        for group in config["config_groups"].values():
+            if group.get("input_activations"):
+                for target in group["targets"]:
+                    self.target_scheme_map[target]["input_activations"] = QuantizationArgs.model_validate(group["input_activations"])
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, LinearBase):
+            return self._linear_method(layer, prefix)
+        if isinstance(layer, FusedMoE):
+            if any(n.startswith(prefix + ".") for n in self.runtime_pre_quant_scale):
+                raise self._refusal(prefix, "experts with a pre_quant_scale lazyxform could not fold (SGLang's fused-MoE kernels take no per-expert input scale)")
+            if is_cpu() and self.get_moe_scheme(layer, prefix) is not None:
+                raise self._refusal(prefix, "quantized fused-MoE experts on a CPU (SGLang has no CPU kernel for them and lazyxform no portable one for SGLang yet)")
+        return super().get_quant_method(layer, prefix)
+
+    def _linear_method(self, layer: LinearBase, prefix: str) -> QuantizeMethodBase:
+        scheme = Scheme.of(self.get_scheme_dict(layer, prefix))
+        if scheme is None:  # unquantized, or dequantized by lazyxform (listed in `ignore`)
+            method: QuantizeMethodBase = UnquantizedLinearMethod()
+        elif is_cpu():
+            layer.scheme = PortableScheme(scheme)
+            method = CompressedTensorsLinearMethod(self)
+        else:
+            try:
+                method = super().get_quant_method(layer, prefix)
+            except NotImplementedError as e:
+                raise self._refusal(prefix, f"linear layers of {scheme} ({e})") from e
+        members = self._checkpoint_modules(prefix)
+        scaled = [m for m in members if m in self.runtime_pre_quant_scale]
+        if not scaled:
+            return method
+        if len(scaled) != len(members) or not isinstance(method, CompressedTensorsLinearMethod):
+            raise lazyxform.InconsistentScalesError(
+                f"{prefix}: SGLang runs {', '.join(members)} as one quantized GEMM over one input, but only "
+                f"{', '.join(scaled)} carry a pre_quant_scale"
+            )
+        layer.scheme = PreQuantScaleScheme(layer.scheme)
+        return method
+
+    def _refusal(self, prefix: str, what: str) -> UnsupportedSglangSchemeError:
+        return UnsupportedSglangSchemeError(
+            f"{prefix}: SGLang {sglang.__version__} cannot run {what}; checkpoint {self.checkpoint_dir} (ModelOpt "
+            f"{self.algos}). Set LAZYXFORM_SGLANG_ROUTE=off to leave the checkpoint to SGLang's own ModelOpt support, "
+            "or serve it with vLLM (lazyxform_vllm)"
+        )
+
+    def _checkpoint_modules(self, prefix: str) -> list[str]:
+        """The checkpoint modules behind an SGLang layer: the members of a fused layer (qkv_proj ->
+        q_proj, k_proj, v_proj, per the model's packed_modules_mapping, else SGLang's usual fusions),
+        else the layer itself."""
+        parent, dot, leaf = prefix.rpartition(".")
+        members = self.packed_modules_mapping.get(leaf) or FUSED.get(leaf)
+        return [f"{parent}{dot}{m}" for m in members] if members else [prefix]
+
+
+def get_quant_config(original: Callable[..., Any], model_config: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook of weight_utils.get_quant_config: SGLang builds its compressed-tensors config from the
+    presented one as usual; for a checkpoint lazyxform serves it becomes a LazyxformConfig."""
+    quant_config = original(model_config, *args, **kwargs)
+    if type(quant_config) is CompressedTensorsConfig and MARK in (quant_config.config or {}):
+        return LazyxformConfig.from_config(quant_config.config)
+    return quant_config
