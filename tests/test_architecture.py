@@ -12,7 +12,7 @@ PACKAGE = Path(lazyxform.__file__).parent
 # Lowest first. Within a layer, modules may import each other (without a circle).
 LAYERS: list[set[str]] = [
     {"errors", "checks", "profile"},
-    {"shards", "modelopt", "topology", "ops"},
+    {"shards", "modelopt", "topology", "ops", "routing"},
     {"plan"},
     {"recipes"},
     {"fallback", "prequant", "emulate"},

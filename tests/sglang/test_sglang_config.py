@@ -23,9 +23,10 @@ from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang_support import ROUTE_ENV
 
 import lazyxform
+from lazyxform.routing import serves
 from lazyxform_sglang import compat, quant_config
 from lazyxform_sglang.config import MARK
-from lazyxform_sglang.routing import serves
+from lazyxform_sglang.routing import native_algos
 from lazyxform_sglang.schemes import PortableScheme, PreQuantScaleScheme
 
 FIXTURE_NAMES = sorted(p.name for p in FIXTURES.iterdir())
@@ -111,11 +112,11 @@ def test_routing() -> None:
         ({"FP8_PER_CHANNEL_PER_TOKEN"}, True, True),
         ({"FP8", "W4A8_AWQ"}, True, True),
     ):
-        assert serves(algos, "auto", "0.5.17", on_cpu=False) is on_0_5_17, algos
-        assert serves(algos, "auto", "0.5.23", on_cpu=False) is on_0_5_23, algos
-        assert serves(algos, "auto", "0.5.23", on_cpu=True)
-        assert serves(algos, "all", "0.5.23", on_cpu=False)
-        assert not serves(algos, "off", "0.5.23", on_cpu=True)
+        assert serves(algos, "auto", False, native_algos("0.5.17")) is on_0_5_17, algos
+        assert serves(algos, "auto", False, native_algos("0.5.23")) is on_0_5_23, algos
+        assert serves(algos, "auto", True, native_algos("0.5.23"))
+        assert serves(algos, "all", False, native_algos("0.5.23"))
+        assert not serves(algos, "off", True, native_algos("0.5.23"))
 
 
 def test_version_guard(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,8 +14,8 @@ from vllm.transformers_utils.config import get_config_parser
 from vllm_support import drop_flat_quantization_config, route
 
 import lazyxform_vllm
+from lazyxform.routing import serves
 from lazyxform_vllm.config_parser import VLLM_NATIVE_ALGOS, ModelOptConfigParser
-from lazyxform_vllm.routing import serves
 
 
 def model_config(path: Path, route_value: str = "auto", **kwargs):

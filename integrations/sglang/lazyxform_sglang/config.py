@@ -21,8 +21,9 @@ import sglang
 from sglang.srt.utils import is_cpu
 
 import lazyxform
+from lazyxform.routing import Route, route, serves
 
-from .routing import Route, route, serves
+from .routing import ROUTE_ENV, native_algos
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def parse_quant_hf_config(original: Callable[[Any], dict | None], model_config: 
     quant = original(model_config)
     if isinstance(quant, dict) and MARK in quant:  # presented by an earlier call
         return quant
-    mode = route()
+    mode = route(ROUTE_ENV)
     directory = Path(model_config.model_path)
     if mode == "off" or not directory.is_dir() or not lazyxform.is_modelopt_checkpoint(directory):
         return quant
@@ -59,7 +60,7 @@ def served(directory: Path, mode: Route) -> bool:
         # Unreadable to lazyxform is not necessarily unreadable to SGLang: leave it to SGLang.
         logger.warning("lazyxform cannot read the ModelOpt config of %s, leaving it to SGLang: %s", directory, e)
         return False
-    if not serves(algos, mode, sglang.__version__, is_cpu()):
+    if not serves(algos, mode, is_cpu(), native_algos(sglang.__version__)):
         return False
     logger.info("lazyxform serves %s (ModelOpt %s) through compressed-tensors", directory, ", ".join(sorted(algos)))
     return True

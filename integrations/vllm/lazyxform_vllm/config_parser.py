@@ -25,13 +25,13 @@ from vllm.transformers_utils.config_parser_base import ConfigParserBase
 from vllm.transformers_utils.repo_utils import file_or_path_exists
 
 import lazyxform
-
-from .routing import Route, route, serves
+from lazyxform.routing import Route, route, serves
 
 logger: logging.Logger = init_logger(f"vllm.{__name__}")
 
 MARK = "lazyxform"  # key of the mark in the quantization config
 HF_QUANT_CONFIG = "hf_quant_config.json"
+ROUTE_ENV = "LAZYXFORM_VLLM_ROUTE"  # auto | all | off (lazyxform/routing.py)
 # The ModelOpt quant_algo values this vLLM loads itself, from its own list (vLLM 0.26-0.33).
 VLLM_NATIVE_ALGOS = frozenset(QUANT_ALGOS) - {"MIXED_PRECISION"}
 
@@ -51,7 +51,7 @@ class ModelOptConfigParser(ConfigParserBase):
         **kwargs: Any,
     ) -> tuple[dict, PreTrainedConfig]:
         config_dict, config = self.wrapped().parse(model, trust_remote_code, revision, code_revision, **kwargs)
-        mode = route()
+        mode = route(ROUTE_ENV)
         if mode == "off":
             return config_dict, config
         directory = modelopt_directory(model, revision, config_dict)
