@@ -223,6 +223,14 @@ def layer_kernels(model: Any) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in types.items()}
 
 
+def kernels_or_error(llm: Any) -> dict[str, list[str]]:
+    """What layer_kernels finds, or why it found nothing: the logprobs are kept either way."""
+    try:
+        return llm.apply_model(layer_kernels)[0]
+    except Exception as e:  # a vLLM class this does not know how to describe
+        return {"error": [repr(e)]}
+
+
 def worker(request_path: Path, result_path: Path) -> None:
     request = json.loads(request_path.read_text())
     faulthandler.dump_traceback_later(max(request["traceback_s"], 1), exit=False)
@@ -245,7 +253,7 @@ def worker(request_path: Path, result_path: Path) -> None:
             "logprobs": logprobs,
             "quantization": config.model_config.quantization,
             "kv_cache_dtype": config.cache_config.cache_dtype,
-            "kernels": llm.apply_model(layer_kernels)[0],
+            "kernels": kernels_or_error(llm),
             "import_s": imported - began,
             "ready_s": ready - imported,
         },
