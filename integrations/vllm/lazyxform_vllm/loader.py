@@ -100,7 +100,7 @@ def install_loader_hook() -> None:
         ck = lazyxform.open(directory)  # on the GPU when there is one: vLLM's worker set the device
         mode = reader_mode()
         if mode != "off" and (mode == "on" or ck.device.type == "cuda") and own_reader_fits(self, model):
-            logger.info("lazyxform: reading and rewriting %s on %s (%s=off: vLLM's reader)", directory, ck.device, READER_ENV)
+            logger.info("lazyxform: reading and rewriting %s on %s (%s=off to use vLLM's reader)", directory, ck.device, READER_ENV)
             # vLLM's own iterator starts this clock, which its "Loading weights took" line reads.
             self.counter_before_loading_weights = time.perf_counter()
             return lazyxform.profile.maybe_profile(iter(ck), ck)  # $LAZYXFORM_PROFILE=dir
