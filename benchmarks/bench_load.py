@@ -43,8 +43,7 @@ from lazyxform.checks import collect
 from lazyxform.ops.int4 import int4_rows_to_ct_packed_torch
 from lazyxform.ops.int4_triton import int4_rows_to_ct_packed_triton
 from lazyxform.ops.pack import shape_tensor
-from lazyxform.reader import DEFAULT_CHUNK_BYTES, DEFAULT_STAGING_BYTES, DEFAULT_THREADS, Reader
-from lazyxform.shards import ShardReader
+from lazyxform.reader import DEFAULT_CHUNK_BYTES, DEFAULT_STAGING_BYTES, DEFAULT_THREADS, Reader, ShardReader
 
 CUDA = torch.device("cuda")
 Pair = tuple[str, torch.Tensor]
@@ -239,15 +238,21 @@ def host_costs(data: Path) -> None:
         say(f"{k:<100} {us:8.1f} us")
 
 
-COLD_OPEN = """
-import sys, time, torch, lazyxform
-torch.empty(1, device="cuda"); torch.cuda.synchronize()
-ck = lazyxform.open(sys.argv[1], device="cuda")
-t = time.perf_counter()
-n = sum(x.nbytes for _, x in ck)
-torch.cuda.synchronize()
-print(time.perf_counter() - t)
-"""
+def first_load_seconds(path: str) -> float:
+    """Worker (a fresh process): seconds of `iter(lazyxform.open(path))` on the GPU, its first load."""
+    torch.empty(1, device="cuda")
+    torch.cuda.synchronize()
+    ck = lazyxform.open(path, device="cuda")
+    start = perf_counter()
+    drain(ck)
+    torch.cuda.synchronize()
+    return perf_counter() - start
+
+
+def worker(*args: str) -> list[str]:
+    """`bench_load.py worker ...` in a fresh process: its printed words."""
+    run = subprocess.run([sys.executable, __file__, "worker", *args], capture_output=True, text=True, check=True)
+    return run.stdout.split()
 
 
 def cold_opens(data: Path) -> None:
@@ -255,38 +260,37 @@ def cold_opens(data: Path) -> None:
     buffer is paid here (Triton's compiled kernel comes from its disk cache, as on any later start)."""
     out = {}
     for fmt in FORMATS:
-        run = subprocess.run([sys.executable, "-c", COLD_OPEN, str(data / fmt)], capture_output=True, text=True, check=True)
-        out[fmt] = float(run.stdout.split()[-1])
+        out[fmt] = float(worker("first-load", str(data / fmt))[-1])
         say(f"{fmt}: first load of a fresh process {out[fmt]:.3f} s")
     RESULTS["cold_open_s"] = out
 
 
-PIN_PROBE = """
-import sys, time, torch
-torch.empty(1, device="cuda"); torch.cuda.synchronize()
-n, parts, how = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-t = time.perf_counter()
-if how == "cudaHostAlloc":
-    bufs = [torch.empty(n // parts, dtype=torch.uint8, pin_memory=True) for _ in range(parts)]
-else:
+def pin_seconds(n: int, parts: int, how: str) -> tuple[float, float]:
+    """Worker (a fresh process, whose caching host allocator is empty): seconds to pin `n` bytes in
+    `parts` buffers `how`, and to unpin them (0 for cudaHostAlloc, freed by the allocator)."""
+    torch.empty(1, device="cuda")
+    torch.cuda.synchronize()
+    start = perf_counter()
+    if how == "cudaHostAlloc":
+        pinned = [torch.empty(n // parts, dtype=torch.uint8, pin_memory=True) for _ in range(parts)]
+        alloc = perf_counter() - start
+        del pinned  # back to the caching host allocator, still pinned: nothing to time
+        return alloc, 0.0
     buf = torch.empty(n, dtype=torch.uint8)
     if how == "touch+register":
         buf.fill_(0)
     assert torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), n, 0) == 0
-alloc = time.perf_counter() - t
-t = time.perf_counter()
-if how != "cudaHostAlloc":
+    alloc = perf_counter() - start
+    start = perf_counter()
     torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
-print(alloc, time.perf_counter() - t)
-"""
+    return alloc, perf_counter() - start
 
 
 def pin_costs() -> None:
     """Pinning staging memory in a fresh process (the caching host allocator is empty there)."""
     out = {}
     for n, parts, how in [(512 << 20, 16, "cudaHostAlloc"), (512 << 20, 1, "cudaHostAlloc"), (256 << 20, 8, "cudaHostAlloc"), (512 << 20, 1, "register"), (512 << 20, 1, "touch+register")]:
-        run = subprocess.run([sys.executable, "-c", PIN_PROBE, str(n), str(parts), how], capture_output=True, text=True, check=True)
-        alloc, free = map(float, run.stdout.split())
+        alloc, free = map(float, worker("pin", str(n), str(parts), how)[-2:])
         out[f"{n >> 20} MiB as {parts} x {how}"] = {"alloc_s": alloc, "free_s": free}
         say(f"{n >> 20:>5} MiB as {parts:>2} x {how:<15}: {alloc * 1e3:7.1f} ms ({n / alloc / 1e9:5.1f} GB/s), unpin {free * 1e3:6.1f} ms")
     RESULTS["pin_costs"] = out
@@ -407,13 +411,13 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 def profiles(data: Path, out: Path) -> None:
     path = data / "int4_awq"
     ck = lazyxform.open(path, device=CUDA)
-    prof = profile.Profiler(CUDA, profile.checkpoint_bytes(ck), label=f"{path.name} open")
+    prof = profile.Profiler(CUDA, ck.nbytes, label=f"{path.name} open")
     drain(prof.iterate(ck))
     report = prof.finish()
     report.write(out / "profile_open", "profile")
     say(report.table())
     os.environ[profile.ENV] = str(out / "profile_wrap")
-    drain(profile.maybe_profile(ck.wrap(bare(shard_files(path))), ck))
+    drain(profile.maybe_profile(ck.wrap(bare(shard_files(path))), ck.device, ck.nbytes, ck.path.name))
     del os.environ[profile.ENV]
     say((next((out / "profile_wrap").glob("*.txt"))).read_text())
 
@@ -447,6 +451,10 @@ def summary() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["worker"]:  # a fresh process of cold_opens or pin_costs
+        kind, *rest = sys.argv[2:]
+        print(first_load_seconds(*rest) if kind == "first-load" else " ".join(map(str, pin_seconds(int(rest[0]), int(rest[1]), rest[2]))))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(__file__).parent / "data")
     parser.add_argument("--out", type=Path, required=True)

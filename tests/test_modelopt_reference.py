@@ -251,6 +251,14 @@ def test_kv_cache_quantization_acts(name: str) -> None:
     assert not torch.equal(logprobs(name), logprobs(name, quantize_kv_cache=False))
 
 
+@pytest.mark.parametrize("name", KV_FIXTURES)
+def test_kv_cache_quantized_reference_is_causal(name: str) -> None:
+    """A prompt's prefix gets the same logprobs alone as in front of more tokens: the KV-quantized
+    attention keeps the causal mask (without one it attended to the whole prompt)."""
+    ref, ids = reference(name), list(prompt_ids()[0])
+    assert torch.allclose(ref.logprobs(ids[:10]), ref.logprobs(ids)[:10], atol=1e-5)
+
+
 @pytest.mark.parametrize("name", PQS_FIXTURES)
 def test_pre_quant_scale_acts(name: str) -> None:
     assert not torch.equal(logprobs(name), logprobs(name, pre_quant_scale=False))

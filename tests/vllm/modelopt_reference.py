@@ -27,6 +27,7 @@ from reference import SVD_A, SVD_B, load_tensors, modelopt_weight
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.masking_utils import eager_mask
 
 FP8_MAX = 448.0
 E2M1_MAX = 6.0
@@ -208,6 +209,22 @@ ALGO_ACTIVATION: dict[str, str | None] = {
 }
 
 
+def cutlass_w4a8_weight(w: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """A W4A8_AWQ weight (q * weight_scale, float32) as vLLM's CUTLASS W4A8 kernel computes with it
+    (CutlassW4A8LinearKernel and convert_bf16_scales_to_fp8, vLLM 0.26; docs/recipes.md, W4A8_AWQ):
+    the group scales, held in the model dtype, become chan * fp8(fp8(s / chan) / 8) with chan =
+    rowmax / 448 per output row, and the kernel rounds each q * fp8 scale to FP8 before the matrix
+    product, then multiplies by 8 * chan. Not ModelOpt's function: the FP8 rounding of both is the
+    kernel's."""
+    ws = weight_scale.float()
+    group = w.shape[1] // ws.shape[1]
+    q = torch.round(w / ws.repeat_interleave(group, dim=1))  # w = q * ws exactly enough to recover q
+    s = ws.to(torch.bfloat16).float()
+    chan = s.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    s8 = fp8_e4m3(fp8_e4m3(s / chan) / 8)
+    return fp8_e4m3(q * s8.repeat_interleave(group, dim=1)) * chan * 8
+
+
 def activation_quantizer(algo: str) -> ActQuant | None:
     """ModelOpt's input quantizer of the algo, as a function of (x, exported input_scale)."""
     name = ALGO_ACTIVATION[algo]
@@ -235,6 +252,10 @@ def _kv_quantized_attention(module: nn.Module, query, key, value, *args, **kwarg
 
 
 transformers.AttentionInterface.register("modelopt_kv_reference", _kv_quantized_attention)
+# The causal mask eager attention takes: transformers builds the mask by the name of the attention
+# implementation and, for a name it has no mask function for, builds none (every position would
+# then attend to the whole prompt).
+transformers.AttentionMaskInterface.register("modelopt_kv_reference", eager_mask)
 
 
 class Reference:
@@ -243,7 +264,9 @@ class Reference:
 
     `activation` names an entry of ACTIVATIONS to use on every quantized Linear instead of
     ModelOpt's own input quantizer of the algo, for an engine that quantizes otherwise (e.g.
-    "fp8_token": vLLM's W4A8_AWQ and W4A8_MXFP4_FP8 schemes quantize per token, dynamically)."""
+    "fp8_token": vLLM's W4A8_AWQ and W4A8_MXFP4_FP8 schemes quantize per token, dynamically).
+    `cutlass_w4a8`: W4A8_AWQ weights as vLLM's Hopper CUTLASS W4A8 kernel holds them
+    (cutlass_w4a8_weight)."""
 
     def __init__(
         self,
@@ -254,6 +277,7 @@ class Reference:
         quantize_activations: bool = True,
         quantize_kv_cache: bool = True,
         activation: str | None = None,
+        cutlass_w4a8: bool = False,
     ) -> None:
         if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -287,6 +311,8 @@ class Reference:
                 # SVDQuantLinear: y = input_quantizer(x') @ W_res^T + (x' @ A^T) @ B^T, x' = x * pqs.
                 w = modelopt_weight("NVFP4", tensors, m).to(dtype)
                 low_rank[m] = (tensors[f"{m}.{SVD_A}"].to(dtype), tensors[f"{m}.{SVD_B}"].to(dtype))
+            elif algo == "W4A8_AWQ" and cutlass_w4a8:
+                w = cutlass_w4a8_weight(dequantize(algo, tensors, m), tensors[f"{m}.weight_scale"]).to(dtype)
             else:
                 w = dequantize(algo, tensors, m).to(dtype)
             if ".experts." in m:

@@ -68,6 +68,18 @@ def test_the_methods_it_calls_or_wraps_keep_their_signatures() -> None:
     assert params(CompressedTensorsKVCacheMethod.validate_kv_cache_scheme) == ("kv_cache_scheme",)
 
 
+def test_the_loader_state_it_reads_exists() -> None:
+    """lazyxform_vllm.loader.own_reader_fits reads these, and sets the clock of vLLM's load-time log line."""
+    from vllm.config import LoadConfig
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    loader = DefaultModelLoader(LoadConfig())
+    for name in ("load_format", "model_loader_extra_config", "safetensors_load_strategy"):
+        assert hasattr(loader.load_config, name), name
+    assert loader.local_expert_ids is None
+    assert loader.counter_before_loading_weights == 0.0
+
+
 def test_the_kv_cache_algos_it_passes_on_are_the_ones_vllm_runs() -> None:
     """config_parser.VLLM_KV_CACHE_ALGOS: FP8 accepted by vLLM's compressed-tensors KV method, NVFP4 not."""
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (

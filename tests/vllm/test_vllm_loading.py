@@ -7,6 +7,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,6 +88,39 @@ def test_tensor_parallel(checkpoint: Callable[[str], Path], monkeypatch: pytest.
     err, noise = deviation_from_reference(checkpoint("int4_awq"), ids, got)
     print(describe("int4_awq, tensor parallel 2", err, noise))
     assert within(err, noise, 2.0), describe("int4_awq, tensor parallel 2", err, noise)
+
+
+def test_lazyxform_reader_serves_the_same(
+    checkpoint: Callable[[str], Path], int4_awq_logprobs: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LAZYXFORM_VLLM_READER=on: lazyxform reads the files itself (the default on a GPU) instead of
+    rewriting the stream of vLLM's reader: the same logprobs."""
+    monkeypatch.setenv("LAZYXFORM_VLLM_READER", "on")
+    with engine(checkpoint("int4_awq")) as llm:
+        assert quantization(llm) == "lazyxform"
+        assert torch.equal(prompt_logprobs(llm)[1], int4_awq_logprobs)
+
+
+def test_lazyxform_reader_only_where_vllm_reads_the_plain_files() -> None:
+    """Another load format or strategy the user asked for, expert-parallel filtering, or other weight
+    sources keep vLLM's reader."""
+    from lazyxform_vllm.loader import own_reader_fits
+
+    def loader(**changes) -> SimpleNamespace:
+        config = {"load_format": "auto", "model_loader_extra_config": {}, "safetensors_load_strategy": None, **changes}
+        return SimpleNamespace(load_config=SimpleNamespace(**config), local_expert_ids=changes.get("local_expert_ids"))
+
+    model = torch.nn.Module()
+    assert own_reader_fits(loader(), model) and own_reader_fits(loader(load_format="safetensors"), model)
+    for changes in (
+        {"load_format": "fastsafetensors"},
+        {"model_loader_extra_config": {"enable_multithread_load": True}},
+        {"safetensors_load_strategy": "prefetch"},
+        {"local_expert_ids": {0, 1}},
+    ):
+        assert not own_reader_fits(loader(**changes), model), changes
+    model.secondary_weights = [object()]
+    assert not own_reader_fits(loader(), model)
 
 
 def test_legacy_layout_serves_the_same(

@@ -1,10 +1,15 @@
-"""The weight-stream hook: vLLM's default loader yields the ModelOpt tensors, lazyxform rewrites them.
+"""The weight-stream hook: lazyxform feeds vLLM the rewritten tensors of a ModelOpt checkpoint.
 
 `DefaultModelLoader.get_all_weights` is the one place every safetensors load format passes
 through (default, multi-thread out of order, fastsafetensors, instanttensor), whatever the user
-chose, before `model.load_weights`. The wrap applies only to models loading with the "lazyxform"
+chose, before `model.load_weights`. The hook applies only to models loading with the "lazyxform"
 quantization method; tensor parallelism shards the rewritten tensors as it would a
 compressed-tensors checkpoint's.
+
+On a GPU, with vLLM's default load format, lazyxform reads the files itself (`iter(ck)`: its
+pipelined reader, page cache -> pinned staging -> device, overlapping reads and copies); otherwise,
+or with LAZYXFORM_VLLM_READER=off, it rewrites the stream vLLM's own reader yields (`ck.wrap`).
+Both give the same tensors.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
+import time
 from collections.abc import Iterator
+from typing import Literal, get_args
 
 import torch
 import vllm
@@ -40,6 +48,34 @@ class UnsupportedVllmError(LazyxformError):
 # default load formats, so the method is replaced, and only where it has this signature.
 HOOKED_SIGNATURE = ("self", "model_config", "model")
 
+READER_ENV = "LAZYXFORM_VLLM_READER"
+ReaderMode = Literal["auto", "on", "off"]
+# The load formats whose stream is exactly the checkpoint directory's safetensors files, read whole.
+PLAIN_LOAD_FORMATS = ("auto", "safetensors")
+
+
+def reader_mode() -> ReaderMode:
+    """auto (default): lazyxform's reader on a GPU where `own_reader_fits`; on: wherever it fits; off: never."""
+    value = os.environ.get(READER_ENV, "").strip().lower() or "auto"
+    if value not in get_args(ReaderMode):
+        raise ValueError(f"{READER_ENV}={value!r}: expected one of {', '.join(get_args(ReaderMode))}")
+    return value  # type: ignore[return-value]
+
+
+def own_reader_fits(loader: DefaultModelLoader, model: torch.nn.Module) -> bool:
+    """Whether vLLM would read exactly the checkpoint's safetensors files, every tensor, as the user
+    left it: not with another load format or strategy it was asked for, nor when it skips experts of
+    other ranks (expert parallelism) or reads other sources or files for this model."""
+    config = loader.load_config
+    return (
+        config.load_format in PLAIN_LOAD_FORMATS
+        and not config.model_loader_extra_config
+        and config.safetensors_load_strategy is None
+        and loader.local_expert_ids is None
+        and not getattr(model, "secondary_weights", ())
+        and getattr(model, "allow_patterns_overrides", None) is None
+    )
+
 
 def install_loader_hook() -> None:
     original = DefaultModelLoader.get_all_weights
@@ -62,8 +98,16 @@ def install_loader_hook() -> None:
             return weights
         directory = model_config.hf_config.quantization_config[MARK]["checkpoint"]
         ck = lazyxform.open(directory)  # on the GPU when there is one: vLLM's worker set the device
-        logger.info("lazyxform: rewriting the weight stream of %s on %s", directory, ck.device)
-        return lazyxform.profile.maybe_profile(ck.wrap(weights), ck.device, ck.nbytes, ck.path.name)  # $LAZYXFORM_PROFILE=dir
+        mode = reader_mode()
+        if mode != "off" and (mode == "on" or ck.device.type == "cuda") and own_reader_fits(self, model):
+            logger.info("lazyxform: reading and rewriting %s on %s (%s=off to use vLLM's reader)", directory, ck.device, READER_ENV)
+            # vLLM's own iterator starts this clock, which its "Loading weights took" line reads.
+            self.counter_before_loading_weights = time.perf_counter()
+            pairs = iter(ck)
+        else:
+            logger.info("lazyxform: rewriting the weight stream of %s on %s", directory, ck.device)
+            pairs = ck.wrap(weights)
+        return lazyxform.profile.maybe_profile(pairs, ck.device, ck.nbytes, ck.path.name)  # $LAZYXFORM_PROFILE=dir
 
     get_all_weights.lazyxform_hook = True  # type: ignore[attr-defined]
     DefaultModelLoader.get_all_weights = get_all_weights  # type: ignore[method-assign]

@@ -1,0 +1,445 @@
+"""Every bundled ModelOpt fixture through CUDA vLLM, `LLM(model=...)` with no quantization argument,
+one engine per process, checked against the dense reference the CPU tests use.
+
+Two steps, so that the GPU does only what needs it:
+
+    python benchmarks/gpu_fixtures.py serve --out DIR        # on the GPU: every run, --jobs at once
+    python benchmarks/gpu_fixtures.py compare DIR            # anywhere: reference, bounds, table
+
+`serve` starts each run in its own process (`worker`), writes DIR/<run>.pt (prompt logprobs, vLLM's
+quantization method, each layer's method, scheme and kernel, timings), DIR/<run>.log, DIR/runs.json
+and DIR/env.json. A run that outlives its timeout is killed after dumping its threads' stacks
+(faulthandler) into its log. `compare` computes tests/vllm/modelopt_reference.py's logprobs with the
+bound policy of tests/vllm/test_vllm_fixtures.py (CASES) and writes DIR/table.md and DIR/summary.json.
+
+Runs: route `all` (lazyxform serves it) for every fixture; route `off` (vLLM's own ModelOpt path) for
+the fixtures vLLM loads natively, compared bit for bit with `all`; a few `all` runs with vLLM's own
+reader (LAZYXFORM_VLLM_READER=off), compared bit for bit with lazyxform's reader; and MoE runs with
+vLLM's default MoE backend as probes with a short timeout (on an H200 it is FlashInfer's CUTLASS
+MoE, compiled at first use when no prebuilt FlashInfer kernels are installed), next to the main
+MoE runs on the Triton backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures" / "modelopt"
+TESTS = [ROOT / "tests" / "vllm", ROOT / "tests"]
+KV_CACHE_BYTES = 256 << 20
+# Given a KV cache size, vLLM skips its start-up memory profiling, which engines sharing the GPU
+# break (each sees the others' allocations come and go). It still checks that this share is free.
+GPU_ARGS = {"kv_cache_memory_bytes": KV_CACHE_BYTES, "gpu_memory_utilization": 0.05}
+WORKER_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the worker's process: its model can be inspected
+    # Greedy prompt logprobs need no FlashInfer sampler; without it no sampler kernel is compiled at start-up.
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # the CPU build's KV cache, when this runs on a CPU
+    "OMP_NUM_THREADS": "2",  # engines run side by side
+    "PYTHONUNBUFFERED": "1",
+}
+MOE_TRITON = {"moe_backend": "triton"}
+# Where vLLM 0.26 on an H200 (compute capability 9.0) computes another function than the one
+# tests/vllm/test_vllm_fixtures.py's CASES check on a CPU, in its own ModelOpt path and in
+# compressed-tensors' alike: modelopt_reference options replacing the case's, and the bound, for the
+# check of this harness (the CPU case's deviation is reported beside it).
+# * FP4 activations need compute capability 10.0: W4A4 NVFP4 and MXFP4 layers run on Marlin,
+#   weight-only, so the reference is the weight-only one, with the standard 2x bound.
+# * FlashAttention 3 reads K and V back from the FP8 KV cache in prefill too: the reference rounds
+#   them with the exported k/v scales (ModelOpt's function; the CPU cases compare unrounded K and V).
+# * W4A8_AWQ runs on CUTLASS W4A8, whose FP8 group scales and FP8 q * scale products the reference
+#   then models (modelopt_reference.cutlass_w4a8_weight).
+WEIGHT_ONLY = {"quantize_activations": False}
+H200_CASES: dict[str, tuple[dict[str, Any], float]] = {
+    **dict.fromkeys(["nvfp4", "nvfp4_awq_clip", "nvfp4_awq_lite", "nvfp4_mlp_only", "mxfp4", "w4a8_mxfp4_fp8"], (WEIGHT_ONLY, 2.0)),
+    "fp8_kv_fp8": ({}, 2.0),
+    "qwen3moe_fp8": ({}, 2.0),
+    "nvfp4_kv_fp8": (WEIGHT_ONLY, 2.0),
+    "nvfp4_kv_nvfp4": ({**WEIGHT_ONLY, "quantize_kv_cache": False}, 2.0),  # served with a bf16 KV cache
+    "w4a8_awq": ({"activation": "fp8_token", "cutlass_w4a8": True}, 1.5),
+}
+READER_CHECKED = ("fp8", "int4_awq", "nvfp4", "w4a8_awq", "qwen3moe_fp8")
+# vLLM's kernel and backend choices, lazyxform's lines, errors.
+LOG_LINE = re.compile(r"Using |Selected |lazyxform|Error|[Bb]ackend")
+
+
+@dataclass(frozen=True)
+class Run:
+    fixture: str
+    route: str  # LAZYXFORM_VLLM_ROUTE
+    tag: str = ""
+    llm: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_s: float = 300.0
+
+    @property
+    def name(self) -> str:
+        return "-".join(p for p in (self.fixture, self.route, self.tag) if p)
+
+
+def native_fixtures(fixtures: Path, names: list[str]) -> set[str]:
+    """The fixtures vLLM's own ModelOpt support loads on a GPU (the plugin's routing rule)."""
+    import lazyxform
+    from lazyxform.routing import serves
+    from lazyxform_vllm.config_parser import VLLM_NATIVE_ALGOS
+
+    return {n for n in names if not serves(lazyxform.read_modelopt_algos(fixtures / n), "auto", False, VLLM_NATIVE_ALGOS)}
+
+
+def is_moe(fixture: Path) -> bool:
+    config = json.loads((fixture / "config.json").read_text())
+    return bool(config.get("num_experts") or config.get("num_local_experts"))
+
+
+def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float) -> list[Run]:
+    native = native_fixtures(fixtures, names)
+    runs = []
+    for n in names:
+        moe = is_moe(fixtures / n)
+        llm = MOE_TRITON if moe else {}
+        routes = ["all", "off"] if n in native else ["all"]
+        runs += [Run(n, r, "triton-moe" if moe else "", llm, timeout_s=timeout_s) for r in routes]
+        if n in READER_CHECKED:
+            runs.append(Run(n, "all", "vllm-reader" + ("-triton-moe" if moe else ""), llm, {"LAZYXFORM_VLLM_READER": "off"}, timeout_s))
+        if moe:
+            runs += [Run(n, r, "default-moe", timeout_s=probe_s) for r in routes]
+    # Probes last: they may spend their whole timeout compiling.
+    return sorted(runs, key=lambda r: r.tag == "default-moe")
+
+
+def serve(out: Path, fixtures: Path, names: list[str], jobs: int, timeout_s: float, probe_s: float) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "env.json").write_text(json.dumps(environment(), indent=2))
+    pending = plan_runs(fixtures, names, timeout_s, probe_s)
+    running: list[tuple[Run, subprocess.Popen, float]] = []
+    done: list[dict] = []
+    # Workers run in sessions of their own (so that a kill takes their compilers too): stopped, this
+    # process takes them along instead of leaving them on the GPU.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"stopped with {len(running)} runs in flight"))
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                run = pending.pop(0)
+                running.append((run, start(run, fixtures / run.fixture, out), time.monotonic()))
+            time.sleep(0.5)
+            for item in list(running):
+                run, proc, began = item
+                wall = time.monotonic() - began
+                timed_out = wall > run.timeout_s
+                if proc.poll() is None and not timed_out:
+                    continue
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                running.remove(item)
+                done.append(record(run, proc.returncode, wall, timed_out, out))
+                print(f"{run.name}: rc {proc.returncode}{' (timed out)' if timed_out else ''} in {wall:.0f} s", flush=True)
+                (out / "runs.json").write_text(json.dumps(done, indent=2))
+    finally:
+        for _, proc, _ in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    return done
+
+
+def record(run: Run, rc: int, wall: float, timed_out: bool, out: Path) -> dict:
+    log = (out / f"{run.name}.log").read_text(errors="replace")
+    found = {**asdict(run), "name": run.name, "rc": rc, "wall_s": round(wall, 1), "timed_out": timed_out}
+    if rc != 0:
+        found["log_tail"] = log[-4000:]
+    found["log_lines"] = [line[-400:] for line in log.splitlines() if LOG_LINE.search(line)][:80]
+    return found
+
+
+def start(run: Run, model: Path, out: Path) -> subprocess.Popen:
+    request = out / f"{run.name}.request.json"
+    request.write_text(json.dumps({"model": str(model), "route": run.route, "llm": run.llm, "env": run.env, "traceback_s": run.timeout_s - 10}))
+    with open(out / f"{run.name}.log", "w") as log:
+        return subprocess.Popen(
+            [sys.executable, __file__, "worker", str(request), str(out / f"{run.name}.pt")],
+            env={**os.environ, **WORKER_ENV},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def environment() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("vllm", "torch", "triton", "flashinfer-python", "transformers", "compressed-tensors", "lazyxform"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+        gpu = subprocess.run(query, capture_output=True, text=True).stdout.strip()
+    return {"versions": versions, "gpu": gpu, "python": sys.version, "nproc": os.cpu_count()}
+
+
+# ---- the worker: one engine ----
+
+
+def label(value: Any) -> str:
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, Enum):
+        return value.name
+    inner = getattr(value, "fused_experts", None)  # a modular MoE kernel: the experts are the kernel
+    return type(value).__name__ + (f"({type(inner).__name__})" if inner is not None else "")
+
+
+def kernel_attrs(obj: Any) -> list[str]:
+    """The kernel, backend and experts choices an object holds (vLLM names them *kernel*, *linear*,
+    *backend*, experts_cls)."""
+    found = []
+    for key, value in vars(obj).items():
+        if value is None or isinstance(value, (bool, int, float, str, dict, list, tuple)):
+            continue
+        if any(word in key for word in ("kernel", "linear", "backend", "experts_cls")):
+            found.append(f"{key}={label(value)}")
+    return found
+
+
+def layer_kernels(model: Any) -> dict[str, list[str]]:
+    """Layer type (names with layer and expert numbers replaced by *) -> the distinct descriptions of
+    its method, scheme and kernel, and of the attention backend."""
+    types: dict[str, set[str]] = {}
+    for name, module in model.named_modules():
+        parts = []
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            parts.append(type(method).__name__)
+            parts += kernel_attrs(method)
+            inner = getattr(method, "inner", None)  # PreQuantScaleLinearMethod wraps another method
+            if inner is not None:
+                parts += [type(inner).__name__, *kernel_attrs(inner)]
+            scheme = getattr(module, "scheme", None)
+            if scheme is not None:
+                parts += [type(scheme).__name__, *kernel_attrs(scheme)]
+        backend = getattr(module, "attn_backend", None)
+        if backend is not None:
+            parts.append(f"attn_backend={backend.get_name()}")
+        if parts:
+            types.setdefault(re.sub(r"\.\d+(\.|$)", r".*\1", name), set()).add(" > ".join(parts))
+    return {k: sorted(v) for k, v in types.items()}
+
+
+def kernels_or_error(llm: Any) -> dict[str, list[str]]:
+    """What layer_kernels finds, or why it found nothing: the logprobs are kept either way."""
+    try:
+        return llm.apply_model(layer_kernels)[0]
+    except Exception as e:  # a vLLM class this does not know how to describe
+        return {"error": [repr(e)]}
+
+
+def worker(request_path: Path, result_path: Path) -> None:
+    request = json.loads(request_path.read_text())
+    faulthandler.dump_traceback_later(max(request["traceback_s"], 1), exit=False)
+    os.environ.update({"LAZYXFORM_VLLM_ROUTE": request["route"], **request["env"]})
+    sys.path[:0] = [str(p) for p in TESTS]
+    began = time.perf_counter()
+    import torch
+    from vllm import LLM
+    from vllm_support import LLM_DEFAULTS, prompt_logprobs
+
+    imported = time.perf_counter()
+    gpu = GPU_ARGS if torch.cuda.is_available() else {}
+    llm = LLM(model=request["model"], **{**LLM_DEFAULTS, **gpu, **request["llm"]})
+    ready = time.perf_counter()
+    ids, logprobs = prompt_logprobs(llm)
+    config = llm.llm_engine.vllm_config
+    torch.save(
+        {
+            "ids": ids,
+            "logprobs": logprobs,
+            "quantization": config.model_config.quantization,
+            "kv_cache_dtype": config.cache_config.cache_dtype,
+            "kernels": kernels_or_error(llm),
+            "import_s": imported - began,
+            "ready_s": ready - imported,
+        },
+        result_path,
+    )
+    faulthandler.cancel_dump_traceback_later()
+
+
+# ---- compare: anywhere, after serve ----
+
+
+def reference_logprobs(path: Path, ids: list[list[int]], options: dict[str, Any]) -> Any:
+    """modelopt_reference's logprobs for the prompts, rows as the engine's prompt logprobs."""
+    import torch
+    from modelopt_reference import Reference
+
+    ref = Reference(path, **options)
+    return torch.cat([ref.logprobs(p)[:-1] for p in ids])
+
+
+def deviation(path: Path, ids: list[list[int]], got: Any, options: dict[str, Any], bound: float) -> dict[str, Any]:
+    """|got - reference| and the reference's own bf16 noise, max and mean, and whether got is within
+    `bound` x noise (vllm_support.within, the CPU tests' rule)."""
+    import torch
+    from vllm_support import within
+
+    want = reference_logprobs(path, ids, options)
+    noise = (reference_logprobs(path, ids, {**options, "dtype": torch.bfloat16}) - want).abs()
+    err = (got - want).abs()
+    return {
+        "reference": options,
+        "max": float(err.max()),
+        "mean": float(err.mean()),
+        "noise_max": float(noise.max()),
+        "noise_mean": float(noise.mean()),
+        "bound": bound,
+        "within": within(err, noise, bound),
+    }
+
+
+def compare(out: Path, fixtures: Path) -> list[dict]:
+    sys.path[:0] = [str(p) for p in TESTS]
+    import torch
+    from test_vllm_fixtures import CASES
+
+    runs = json.loads((out / "runs.json").read_text())
+    results = {r["name"]: torch.load(out / f"{r['name']}.pt", weights_only=False) for r in runs if r["rc"] == 0}
+    rows = []
+    for run in runs:
+        row = {k: run[k] for k in ("name", "fixture", "route", "tag", "rc", "timed_out", "wall_s")}
+        rows.append(row)
+        got = results.get(run["name"])
+        if got is None:
+            log = out / f"{run['name']}.log"
+            row["error"] = error_line(log.read_text(errors="replace") if log.exists() else run.get("log_tail", ""), run["timed_out"])
+            continue
+        row.update(
+            quantization=got["quantization"],
+            kv_cache_dtype=str(got["kv_cache_dtype"]),
+            kernels=got["kernels"],
+            ready_s=round(got["ready_s"], 1),
+        )
+        path, case = fixtures / run["fixture"], CASES[run["fixture"]]
+        cpu = deviation(path, got["ids"], got["logprobs"], case.reference, case.bound)
+        if run["fixture"] in H200_CASES:
+            row.update(deviation(path, got["ids"], got["logprobs"], *H200_CASES[run["fixture"]]))
+            row["cpu_case"] = cpu
+        else:
+            row.update(cpu)
+    by_name = {r["name"]: r for r in rows}
+    for row in rows:
+        twin = twin_of(row)
+        if twin in results and row["name"] in results:
+            a, b = results[row["name"]]["logprobs"], results[twin]["logprobs"]
+            row["twin"] = twin
+            row["identical"] = bool(torch.equal(a, b))
+            row["twin_max_diff"] = float((a - b).abs().max())
+        elif twin in by_name:
+            row["twin"] = twin
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    (out / "table.md").write_text(table(rows))
+    return rows
+
+
+def twin_of(row: dict) -> str:
+    """The run whose logprobs this one must equal bit for bit: a native run's lazyxform twin, a
+    vLLM-reader run's lazyxform-reader twin."""
+    if row["route"] == "off":
+        return row["name"].replace("-off", "-all", 1)
+    if row["tag"].startswith("vllm-reader"):
+        return row["name"].replace("-vllm-reader", "", 1)
+    return ""
+
+
+def error_line(log: str, timed_out: bool) -> str:
+    """A failed run's error, or, timed out, the innermost frames of its main thread (faulthandler)."""
+    lines = log.splitlines()
+    if timed_out:  # the dumped thread whose stack holds the worker, innermost frames first
+        main = next((b for b in log.split("(most recent call first):") if "in worker" in b), "")
+        frames = [line.strip().removeprefix("File ") for line in main.splitlines() if line.strip().startswith("File ")]
+        return "stack: " + " < ".join(frames[:5])[:700]
+    errors = [line for line in lines if re.search(r"Error|error", line)]
+    return (errors[-1] if errors else lines[-1] if lines else "")[-600:]
+
+
+def short_kernels(kernels: dict[str, list[str]]) -> str:
+    """One cell: each layer kind's distinct choices, without the class names of layers vLLM leaves unquantized."""
+    kinds: dict[str, set[str]] = {}
+    for layer, descriptions in kernels.items():
+        kind = layer.rsplit(".", 1)[-1]
+        for d in descriptions:
+            if "Unquantized" not in d:
+                kinds.setdefault(kind, set()).add(d)
+    return "; ".join(f"{k}: {' / '.join(sorted(v))}" for k, v in sorted(kinds.items()))
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| run | quant method | KV cache | max / mean \\|dlogprob\\| | bf16 noise max / mean | bound | within | "
+        "CPU-policy reference (x noise), where H200 differs | identical to | kernels |\n"
+    )
+    head += "|---|---|---|---|---|---|---|---|---|---|\n"
+    lines = []
+    for r in rows:
+        if "max" not in r:
+            failed = f"failed{' (timed out)' if r['timed_out'] else ''} after {r['wall_s']} s: {r.get('error', '')}"
+            lines.append(f"| {r['name']} | {failed.replace('|', '/')} | | | | | | | | |")
+            continue
+        ident = "n.a."
+        if "identical" in r:
+            ident = f"{r['twin']}: " + ("yes" if r["identical"] else f"no (max {r['twin_max_diff']:.3g})")
+        cpu = r.get("cpu_case")
+        cpu_cell = f"{cpu['max']:.4f} / {cpu['mean']:.5f} ({cpu['max'] / cpu['noise_max']:.2f}x / {cpu['mean'] / cpu['noise_mean']:.2f}x)" if cpu else ""
+        lines.append(
+            f"| {r['name']} | {r['quantization']} | {r['kv_cache_dtype']} | {r['max']:.4f} / {r['mean']:.5f} | "
+            f"{r['noise_max']:.4f} / {r['noise_mean']:.5f} | {r['bound']}x | {'yes' if r['within'] else 'NO'} | {cpu_cell} | {ident} | "
+            f"{short_kernels(r['kernels'])} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="on the GPU: every run, one engine per process")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--fixtures", type=Path, default=FIXTURES)
+    s.add_argument("--only", nargs="*", help="fixture names (default: all)")
+    s.add_argument("--jobs", type=int, default=6, help="engines at once")
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    s.add_argument("--probe-timeout", type=float, default=100.0, help="seconds per default-MoE-backend probe")
+    c = sub.add_parser("compare", help="anywhere: deviation from the reference, bounds, bit-for-bit twins")
+    c.add_argument("out", type=Path)
+    c.add_argument("--fixtures", type=Path, default=FIXTURES)
+    w = sub.add_parser("worker", help=argparse.SUPPRESS)
+    w.add_argument("request", type=Path)
+    w.add_argument("result", type=Path)
+    args = parser.parse_args()
+    if args.command == "serve":
+        names = args.only or sorted(p.name for p in args.fixtures.iterdir() if (p / "config.json").exists())
+        serve(args.out, args.fixtures.resolve(), names, args.jobs, args.timeout, args.probe_timeout)
+    elif args.command == "compare":
+        print(table(compare(args.out, args.fixtures.resolve())))
+    else:
+        worker(args.request, args.result)
+
+
+if __name__ == "__main__":
+    main()

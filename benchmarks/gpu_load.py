@@ -1,0 +1,241 @@
+"""Load time of a real vLLM engine on 8B-shaped synthetic checkpoints: lazyxform against vLLM's own
+path for the same weights, every ratio within one run.
+
+    python benchmarks/gpu_load.py --data /tmp/lx-data --out DIR [--formats fp8 nvfp4 int4_awq] [--repeats 1]
+
+Per format (make_checkpoint.py's Llama-3-8B shapes, written to --data if missing):
+* fp8, nvfp4: `native` (LAZYXFORM_VLLM_ROUTE=off: vLLM's ModelOpt path), `lazyxform` (route all,
+  lazyxform's own reader) and `lazyxform-wrap` (route all, LAZYXFORM_VLLM_READER=off: vLLM's reader,
+  rewritten by `ck.wrap`).
+* int4_awq (vLLM has no ModelOpt path for it): `lazyxform`, `lazyxform-wrap`, and `compressed-tensors`:
+  lazyxform's own stream (`iter(lazyxform.open(ckpt))`, `ck.hf_config`) written once as a
+  compressed-tensors checkpoint and loaded by vLLM natively. compressed-tensors cannot express a
+  run-time pre_quant_scale, so that checkpoint leaves those tensors out (the modules lazyxform scales
+  at run time are listed in the results); decode tokens/s at batch 1 and 32 for these three.
+
+Each engine runs in its own process (`worker`): `LLM(...)` with enforce_eager, no tokenizer. Recorded:
+import time, `LLM(...)` to ready, vLLM's model load (DefaultModelLoader.load_model: model init,
+weight stream, post-processing) and its weight stream alone (load_weights), peak GPU memory
+allocated during load_model, memory allocated after it. DIR/load.json and DIR/load.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 2**30
+ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0", "PYTHONUNBUFFERED": "1"}
+LLM_ARGS = {
+    "enforce_eager": True,
+    "skip_tokenizer_init": True,
+    "max_model_len": 2048,
+    "gpu_memory_utilization": 0.85,
+    "dtype": "bfloat16",
+    "seed": 0,
+}
+NATIVE_MODELOPT = ("fp8", "nvfp4")
+DECODE_BATCHES = (1, 32)
+PROMPT_TOKENS = 32
+
+
+def arms(fmt: str, data: Path) -> list[tuple[str, Path, dict[str, str]]]:
+    """(arm, checkpoint, environment) of one format; the baseline first."""
+    ckpt = data / fmt
+    lazy = [("lazyxform", ckpt, {"LAZYXFORM_VLLM_ROUTE": "all"}), ("lazyxform-wrap", ckpt, {"LAZYXFORM_VLLM_ROUTE": "all", "LAZYXFORM_VLLM_READER": "off"})]
+    if fmt in NATIVE_MODELOPT:
+        return [("native", ckpt, {"LAZYXFORM_VLLM_ROUTE": "off"}), *lazy]
+    return [("compressed-tensors", data / f"{fmt}_ct", {}), *lazy]
+
+
+def write_compressed_tensors(src: Path, dst: Path, shard_bytes: int = 5 * 10**9) -> list[str]:
+    """lazyxform's stream of `src` written as a compressed-tensors checkpoint; returns the tensors left
+    out (run-time pre_quant_scale, which compressed-tensors cannot express)."""
+    from safetensors.torch import save_file
+
+    import lazyxform
+
+    ck = lazyxform.open(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = [{}]
+    sizes = [0]
+    left_out = []
+    for name, tensor in ck:
+        if name.endswith(".pre_quant_scale"):
+            left_out.append(name)
+            continue
+        if sizes[-1] and sizes[-1] + tensor.nbytes > shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = tensor.to("cpu").contiguous()
+        sizes[-1] += tensor.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(dst / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (dst / "config.json").write_text(json.dumps(ck.hf_config, indent=2))
+    (dst / "generation_config.json").write_text((src / "generation_config.json").read_text())
+    return left_out
+
+
+def prepare(data: Path, formats: list[str]) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from make_checkpoint import write_checkpoint
+
+    made: dict[str, Any] = {}
+    for fmt in formats:
+        if not (data / fmt / "config.json").exists():
+            began = time.perf_counter()
+            made[fmt] = {"bytes": write_checkpoint(fmt, data / fmt), "write_s": time.perf_counter() - began}
+        if fmt not in NATIVE_MODELOPT and not (data / f"{fmt}_ct" / "config.json").exists():
+            began = time.perf_counter()
+            left_out = write_compressed_tensors(data / fmt, data / f"{fmt}_ct")
+            made[f"{fmt}_ct"] = {"left_out": left_out, "write_s": time.perf_counter() - began}
+    return made
+
+
+def run_arm(fmt: str, arm: str, ckpt: Path, env: dict[str, str], out: Path, timeout_s: float) -> dict[str, Any]:
+    name = f"{fmt}-{arm}"
+    result = out / f"{name}.json"
+    request = {"model": str(ckpt), "decode": fmt not in NATIVE_MODELOPT}
+    began = time.perf_counter()
+    with open(out / f"{name}.log", "w") as log:
+        try:
+            rc = subprocess.run(
+                [sys.executable, __file__, "worker", json.dumps(request), str(result)],
+                env={**os.environ, **ENV, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout_s,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    record = {"format": fmt, "arm": arm, "rc": rc, "process_s": time.perf_counter() - began}
+    if rc == 0:
+        record |= json.loads(result.read_text())
+    else:
+        record["log_tail"] = (out / f"{name}.log").read_text(errors="replace")[-3000:]
+    print(f"{name}: {json.dumps({k: v for k, v in record.items() if k != 'log_tail'})}", flush=True)
+    return record
+
+
+def worker(request_json: str, result_path: Path) -> None:
+    """One engine: times and memory of its load, decode tokens/s if asked."""
+    request = json.loads(request_json)
+    began = time.perf_counter()
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    imported = time.perf_counter()
+    stats: dict[str, Any] = {}
+    load_model, load_weights = BaseModelLoader.load_model, DefaultModelLoader.load_weights
+
+    def timed_load_model(self, *args, **kwargs):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        model = load_model(self, *args, **kwargs)
+        torch.cuda.synchronize()
+        stats["load_model_s"] = time.perf_counter() - t
+        stats["load_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+        stats["loaded_gib"] = torch.cuda.memory_allocated() / GIB
+        return model
+
+    def timed_load_weights(self, *args, **kwargs):
+        t = time.perf_counter()
+        load_weights(self, *args, **kwargs)
+        torch.cuda.synchronize()
+        stats["load_weights_s"] = time.perf_counter() - t
+
+    DefaultModelLoader.load_model = timed_load_model
+    DefaultModelLoader.load_weights = timed_load_weights
+    llm = LLM(model=request["model"], **LLM_ARGS)
+    ready = time.perf_counter()
+    stats |= {"import_s": imported - began, "ready_s": ready - imported, "quantization": llm.llm_engine.vllm_config.model_config.quantization}
+    if request["decode"]:
+        for batch in DECODE_BATCHES:
+            stats[f"decode_tok_s_b{batch}"] = decode_rate(llm, SamplingParams, batch)
+    result_path.write_text(json.dumps(stats))
+
+
+def decode_rate(llm: Any, sampling_params: type, batch: int, tokens: int = 128) -> float:
+    """Generated tokens per second for `batch` prompts of PROMPT_TOKENS tokens, `tokens` each, after a
+    short warm-up of the same batch."""
+    prompts = [{"prompt_token_ids": [1000 + 7 * i + j for j in range(PROMPT_TOKENS)]} for i in range(batch)]
+    greedy = {"temperature": 0.0, "ignore_eos": True, "detokenize": False}
+    llm.generate(prompts, sampling_params(max_tokens=4, **greedy), use_tqdm=False)
+    began = time.perf_counter()
+    outs = llm.generate(prompts, sampling_params(max_tokens=tokens, **greedy), use_tqdm=False)
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    return generated / (time.perf_counter() - began)
+
+
+def summarize(records: list[dict[str, Any]]) -> str:
+    """Medians per (format, arm), each arm as a ratio to its format's baseline (the first arm)."""
+    keys = ("ready_s", "load_model_s", "load_weights_s", "load_peak_gib", "loaded_gib", "decode_tok_s_b1", "decode_tok_s_b32")
+    lines = ["| format | arm | n | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    for fmt in dict.fromkeys(r["format"] for r in records):
+        ok = [r for r in records if r["format"] == fmt and r["rc"] == 0]
+        arm_names = list(dict.fromkeys(r["arm"] for r in records if r["format"] == fmt))
+        med = {a: {k: statistics.median(r[k] for r in ok if r["arm"] == a) for k in keys if any(k in r for r in ok if r["arm"] == a)} for a in arm_names}
+        base = med[arm_names[0]]
+        for a in arm_names:
+            n = sum(r["arm"] == a for r in ok)
+            cells = []
+            for k in keys:
+                if k not in med[a]:
+                    cells.append("")
+                elif a == arm_names[0] or k not in base:
+                    cells.append(f"{med[a][k]:.2f}")
+                else:
+                    cells.append(f"{med[a][k]:.2f} ({med[a][k] / base[k]:.3f}x)")
+            lines.append(f"| {fmt} | {a} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench")
+    b.add_argument("--data", type=Path, required=True, help="where the checkpoints are (made if missing)")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--formats", nargs="*", default=["fp8", "nvfp4", "int4_awq"])
+    b.add_argument("--repeats", type=int, default=1, help="rounds; each later round runs the arms in reverse order")
+    b.add_argument("--timeout", type=float, default=240.0, help="seconds per engine")
+    w = sub.add_parser("worker", help=argparse.SUPPRESS)
+    w.add_argument("request")
+    w.add_argument("result", type=Path)
+    args = parser.parse_args()
+    if args.command == "worker":
+        worker(args.request, args.result)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    made = prepare(args.data, args.formats)
+    print(f"prepared: {json.dumps(made)[:2000]}", flush=True)
+    records = []
+    for fmt in args.formats:
+        order = arms(fmt, args.data)
+        for round_ in range(args.repeats):
+            for arm, ckpt, env in order if round_ % 2 == 0 else order[::-1]:
+                records.append(run_arm(fmt, arm, ckpt, env, args.out, args.timeout))
+                (args.out / "load.json").write_text(json.dumps({"prepared": made, "runs": records}, indent=2))
+    table = summarize(records)
+    (args.out / "load.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
