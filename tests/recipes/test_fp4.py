@@ -93,3 +93,14 @@ def test_svdquant_effective_map_includes_low_rank_branch_and_pre_quant_scale():
         assert ((got - want).abs() <= bound).all(), module
         no_lora = (x_in * pqs) @ modelopt_weight("NVFP4", orig, module).T
         assert ((no_lora - want).abs() > bound).any(), f"{module}: the check cannot tell a missing low-rank branch"
+
+
+def test_w4a8_nvfp4_fp8_without_group_size_takes_modelopts_32(tmp_path):
+    """W4A8_NVFP4_FP8's block is 32 columns when the config does not say (each split in two
+    16-column NVFP4 blocks): the same plan and bits."""
+    ckpt = copy_fixture("w4a8_nvfp4_fp8", tmp_path)
+    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"].pop("group_size"))
+    said, unsaid = lazyxform.open(FIXTURES / "w4a8_nvfp4_fp8", device="cpu"), lazyxform.open(ckpt, device="cpu")
+    assert unsaid.quantization_config == said.quantization_config
+    streamed, expected = dict(unsaid), dict(said)
+    assert streamed.keys() == expected.keys() and all(torch.equal(streamed[k], expected[k]) for k in expected)

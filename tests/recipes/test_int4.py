@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import copy_fixture, edit_json, rewrite_tensors
+from reference import FIXTURES
 
 import lazyxform
 
@@ -36,3 +37,14 @@ def test_int4_with_zero_points_is_refused(tmp_path):
     edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"].update(has_zero_point=True))
     with pytest.raises(lazyxform.UnsupportedAlgoError, match="W4A16_AWQ with has_zero_point: true"):
         lazyxform.open(ckpt, device="cpu")
+
+
+def test_a_config_without_group_size_takes_modelopts_128(tmp_path):
+    """ModelOpt's INT4 block is 128 columns when the config does not say: the same plan and bits."""
+    ckpt = copy_fixture("int4_awq", tmp_path)
+    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"].pop("group_size"))
+    said, unsaid = lazyxform.open(FIXTURES / "int4_awq", device="cpu"), lazyxform.open(ckpt, device="cpu")
+    assert unsaid.quantization_config == said.quantization_config
+    assert said.quantization_config["config_groups"]["group_0"]["weights"]["group_size"] == 128
+    streamed, expected = dict(unsaid), dict(said)
+    assert streamed.keys() == expected.keys() and all(torch.equal(streamed[k], expected[k]) for k in expected)
