@@ -58,7 +58,7 @@ def plan_and_config(
     dense = plan_dense_fallback({n: mr for n, mr in quantized.items() if all_targets[n] is None}, fallback, dtype)
     modules = {name: mr for name, mr in quantized.items() if name not in dense.modules}
     targets: dict[str, Target] = {name: t for name, t in all_targets.items() if t is not None}
-    pre = plan_pre_quant(modules, tensors, hf_config, topology, cfg.kv_cache_algo)
+    pre = plan_pre_quant(modules, tensors, topology, cfg.kv_cache_algo)
 
     rules: list[Rule] = list(pre.rules)
     for m, recipe in dense.modules.values():

@@ -33,7 +33,6 @@ class PreQuantPlan:
 def plan_pre_quant(
     modules: dict[str, tuple[Module, Recipe]],
     tensors: dict[str, TensorInfo],
-    hf_config: dict[str, Any],
     topology: Topology,
     kv_algo: str | None,
 ) -> PreQuantPlan:
@@ -46,7 +45,7 @@ def plan_pre_quant(
             raise TensorMismatchError(f"{info.describe()}: expected a float [{inp}] vector")
     done: set[str] = set()
     _fold_into_norms(plan, with_pqs, tensors, topology, done)
-    _fold_into_rows(plan, modules, with_pqs, tensors, hf_config, topology, kv_algo, done)
+    _fold_into_rows(plan, modules, with_pqs, tensors, topology, kv_algo, done)
     for name, m in with_pqs.items():
         if name not in done:
             plan.runtime.append(name)
@@ -107,21 +106,20 @@ def _fold_into_rows(
     modules: dict[str, tuple[Module, Recipe]],
     with_pqs: dict[str, Module],
     tensors: dict[str, TensorInfo],
-    hf_config: dict[str, Any],
     topology: Topology,
     kv_algo: str | None,
     done: set[str],
 ) -> None:
-    heads, kv_heads = hf_config.get("num_attention_heads"), hf_config.get("num_key_value_heads")
-    mha = heads is not None and heads == (kv_heads or heads)
     for name, m in with_pqs.items():
         parent, dot, leaf = name.rpartition(".")  # a top-level module has no parent
-        if leaf not in topology.row_producers or (leaf in topology.through_attention and (not mha or kv_algo is not None)):
+        if leaf not in topology.row_producers or (leaf in topology.through_attention and kv_algo is not None):
             continue
         producer = f"{parent}{dot}{topology.row_producers[leaf]}"
         if producer not in modules:
             continue
         pm, precipe = modules[producer]
+        # Equal sizes also mean every query head has its own KV head: under grouped-query attention
+        # v_proj has fewer rows than o_proj has inputs, and a KV row feeds several heads.
         if not precipe.row_scalable or precipe.weight_shape(pm)[0] != m.info(PQS).shape[0]:
             continue
         factor = m.key(PQS)

@@ -28,8 +28,8 @@ class Topology:
     # consumer leaf -> the sibling leaf whose output rows are its input (linear in those rows).
     row_producers: dict[str, str] = field(default_factory=dict)
     # Consumers reached through attention: their producer's rows are v's, which survive attention
-    # only when every query head has its own KV head and the KV cache is not quantized (a
-    # per-tensor v_scale cannot absorb row factors).
+    # only when every query head has its own KV head (the planner finds that in the sizes) and the
+    # KV cache is not quantized (a per-tensor v_scale cannot absorb row factors).
     through_attention: frozenset[str] = frozenset()
 
     def fused_family(self, leaf: str) -> tuple[str, ...]:

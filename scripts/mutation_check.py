@@ -58,7 +58,7 @@ BUGS = (
     Bug("kv: v scales not recognised", "lazyxform/recipes/kv.py", r'KV_SCALE = re.compile(r"^(?P<attn>.+?)\.(?:[kv]_proj\.)?(?P<kind>[kv])_scale$")', r'KV_SCALE = re.compile(r"^(?P<attn>.+?)\.(?:[kv]_proj\.)?(?P<kind>[k])_scale$")'),
     # prequant.py and topology.py
     Bug("prequant: norm fold divides", "lazyxform/prequant.py", "return {norm_w: (g.float() * shared.float()).to(g.dtype)}", "return {norm_w: (g.float() / shared.float()).to(g.dtype)}"),
-    Bug("prequant: o_proj folds into v_proj under GQA", "lazyxform/prequant.py", "(not mha or kv_algo is not None)", "(kv_algo is not None)"),
+    Bug("prequant: o_proj folds into v_proj over a quantized KV cache", "lazyxform/prequant.py", "if leaf not in topology.row_producers or (leaf in topology.through_attention and kv_algo is not None):", "if leaf not in topology.row_producers:"),
     Bug("prequant: bias of a row-scaled producer not scaled", "lazyxform/prequant.py", "return {bias: (b.float() * t[factor].float()).to(b.dtype)}", "return {bias: b}"),
     Bug("topology: a router does not stop the MLP norm fold", "lazyxform/prequant.py", "if parent == \"mlp\" and _mlp_has_other_consumers(layer, tensors, topology.mlp_leaves):", "if False:"),
 )
