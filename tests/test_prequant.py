@@ -160,3 +160,45 @@ def test_post_attention_norm_never_absorbs_a_scale_when_a_router_reads_it(tmp_pa
         assert bool(kept) == routed, ckpt
         norms = [f"model.layers.{i}.post_attention_layernorm.weight" for i in range(2)]
         assert all(n in ck.plan.passthrough for n in norms) == routed, ckpt
+
+
+def test_o_proj_scale_stays_at_run_time_over_a_quantized_kv_cache(tmp_path):
+    """Made MHA as above, but with an FP8 KV cache: v is rounded with one per-tensor v_scale, which
+    cannot carry o_proj's per-row factor, so the scale stays with o_proj."""
+    ckpt = copy_fixture("int4_awq", tmp_path)
+    edit_json(ckpt / "config.json", lambda c: c.update(num_key_value_heads=c["num_attention_heads"]))
+    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"].update(kv_cache_quant_algo="FP8"))
+
+    def mha_with_kv_scales(t):
+        for k in [k for k in t if ".self_attn.q_proj." in k]:
+            for proj in ("k_proj", "v_proj"):
+                t[k.replace("q_proj", proj)] = t[k].clone()
+        for layer in ("model.layers.0", "model.layers.1"):
+            t[f"{layer}.self_attn.k_proj.k_scale"] = torch.tensor(0.5)
+            t[f"{layer}.self_attn.v_proj.v_scale"] = torch.tensor(0.25)
+
+    rewrite_tensors(ckpt, mha_with_kv_scales)
+    ck = lazyxform.open(ckpt, device="cpu")
+    orig, out = load_tensors(ckpt), dict(ck)
+    assert ck.runtime_pre_quant_scale == list(layers("self_attn.o_proj"))
+    for layer in ("model.layers.0", "model.layers.1"):
+        assert folded_row_factor(f"{layer}.self_attn.v_proj", orig, out) is None
+        check_module("W4A16_AWQ", orig, out, ck.quantization_config, f"{layer}.self_attn.v_proj")
+
+
+def test_a_bias_on_the_row_producer_is_scaled_with_its_rows(tmp_path):
+    """int4_awq with a bias on up_proj: down_proj's scale folds into up_proj's rows, so up_proj's
+    output must be (x W^T + b) * s, bias included (the effective map, not the formula's pieces)."""
+    ckpt = copy_fixture("int4_awq", tmp_path)
+    biases = {f"{layer}.mlp.up_proj.bias": torch.randn(512, generator=torch.Generator().manual_seed(i)).bfloat16() for i, layer in enumerate(("model.layers.0", "model.layers.1"))}
+    rewrite_tensors(ckpt, lambda t: t.update(biases))
+    ck = lazyxform.open(ckpt, device="cpu")
+    orig, out = load_tensors(ckpt), dict(ck)
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(7))
+    for layer in ("model.layers.0", "model.layers.1"):
+        up, s = f"{layer}.mlp.up_proj", orig[f"{layer}.mlp.down_proj.pre_quant_scale"].float()
+        want = (x @ modelopt_weight("W4A16_AWQ", orig, up).float().T + orig[f"{up}.bias"].float()) * s
+        got = x @ ct_decompress(ck.quantization_config, up, out).float().T + out[f"{up}.bias"].float()
+        unscaled = x @ ct_decompress(ck.quantization_config, up, out).float().T + orig[f"{up}.bias"].float()
+        assert (got - want).norm() <= 2**-6 * want.norm(), up
+        assert (unscaled - want).norm() > 2**-6 * want.norm(), "the check cannot tell an unscaled bias"
