@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from algos import FIXTURE_TABLE, NORM_FOLD_BOUND, layers
+from algos import FIXTURE_TABLE, NORM_FOLD_BOUND, O_PROJ, SERVED, layers
 from helpers import check_module, copy_fixture, edit_json, folded_row_factor, make_moe, rewrite_tensors
 from reference import FIXTURES, ct_decompress, load_tensors, modelopt_weight
 
@@ -14,7 +14,7 @@ import lazyxform
 
 
 @pytest.mark.filterwarnings("ignore::lazyxform.LazyxformWarning")  # NVFP4_SVD is dequantized
-@pytest.mark.parametrize("fixture", sorted(FIXTURE_TABLE))
+@pytest.mark.parametrize("fixture", SERVED)
 def test_pre_quant_scales_fold_or_stay_as_documented(fixture):
     row = FIXTURE_TABLE[fixture]
     ck = lazyxform.open(FIXTURES / fixture, device="cpu")
@@ -103,9 +103,9 @@ def test_mlp_with_down_proj_scale_folded_into_up_proj_rows(fixture):
         assert (unfolded - want).norm() > 2**-6 * want.norm(), "the check cannot tell a missing fold"
 
 
-# Fixtures keeping o_proj's scale under GQA; made MHA, it folds into v_proj's rows iff the algo's
-# weight scales absorb a row factor.
-O_PROJ_KEPT = sorted(f for f, row in FIXTURE_TABLE.items() if set(layers("self_attn.o_proj")) <= set(row.runtime_pqs))
+# Fixtures with Llama's attention (q/k/v_proj) keeping o_proj's scale under GQA; made MHA, it folds
+# into v_proj's rows iff the algo's weight scales absorb a row factor.
+O_PROJ_KEPT = sorted(f for f, row in FIXTURE_TABLE.items() if set(O_PROJ) <= set(row.runtime_pqs) and row.model_type in ("llama", "qwen3_moe", "gemma3_text"))
 
 
 @pytest.mark.parametrize("fixture", O_PROJ_KEPT)
@@ -126,8 +126,8 @@ def test_o_proj_scale_folds_into_v_proj_rows_only_where_row_scales_absorb_it(tmp
     rewrite_tensors(ckpt, clone_q_into_k_and_v)
     ck = lazyxform.open(ckpt, device="cpu")
     orig, out = load_tensors(ckpt), dict(ck)
-    o_projs = list(layers("self_attn.o_proj"))
-    assert ck.plan.runtime_pre_quant_scale == ([] if folds else o_projs)
+    others = sorted(set(row.runtime_pqs) - set(O_PROJ))
+    assert ck.plan.runtime_pre_quant_scale == sorted(others + ([] if folds else list(O_PROJ)))
     for layer in ("model.layers.0", "model.layers.1"):
         factor = folded_row_factor(f"{layer}.self_attn.v_proj", orig, out)
         assert (factor is not None) == folds
