@@ -160,3 +160,50 @@ def test_post_attention_norm_never_absorbs_a_scale_when_a_router_reads_it(tmp_pa
         assert bool(kept) == routed, ckpt
         norms = [f"model.layers.{i}.post_attention_layernorm.weight" for i in range(2)]
         assert all(n in ck.plan.passthrough for n in norms) == routed, ckpt
+
+
+# Norms that absorb the pre_quant_scale their consumers share (lazyxform/topology.py): Phi-3's
+# pre-fused modules (ModelOpt folds none for a single Linear), DeepSeek's MLA latent norms.
+NORM_FOLDS = [
+    ("phi3_int4_awq", "input_layernorm", "self_attn.qkv_proj"),
+    ("phi3_int4_awq", "post_attention_layernorm", "mlp.gate_up_proj"),
+    ("deepseek_v3_int4_awq", "self_attn.q_a_layernorm", "self_attn.q_b_proj"),
+    ("deepseek_v3_int4_awq", "self_attn.kv_a_layernorm", "self_attn.kv_b_proj"),
+]
+
+
+@pytest.mark.parametrize(("fixture", "norm", "consumer"), NORM_FOLDS)
+def test_norm_absorbs_its_consumers_pre_quant_scale(fixture, norm, consumer):
+    """rms(h) * g' @ W^T against rms(h) * g * pqs @ W^T (ModelOpt's W: only the fold is under test),
+    within one bf16 rounding of g * pqs; without the fold it is off by the scale (0.5-2 here)."""
+    ck = lazyxform.open(FIXTURES / fixture, device="cpu")
+    orig, out = load_tensors(FIXTURES / fixture), dict(ck)
+    for layer in ("model.layers.0", "model.layers.1"):
+        norm_w, module = f"{layer}.{norm}.weight", f"{layer}.{consumer}"
+        assert f"{module}.pre_quant_scale" not in out and norm_w not in ck.plan.passthrough
+        g, pqs = orig[norm_w].float(), orig[f"{module}.pre_quant_scale"].float()
+        w = modelopt_weight(FIXTURE_TABLE[fixture].algo, orig, module).float()
+        h = rms(torch.randn(16, g.shape[0], generator=torch.Generator().manual_seed(0)))
+        x = h * g * pqs
+        assert_within_map(h * out[norm_w].float() @ w.T, x @ w.T, x.abs(), w, module)
+        assert not torch.allclose(h * g @ w.T, x @ w.T, rtol=2**-6), "the check cannot tell a missing fold"
+
+
+@pytest.mark.parametrize(
+    ("fixture", "norms"),
+    [
+        # Gemma's (1 + w) norms absorb nothing: q/k/v and gate/up keep their scales.
+        ("gemma3_int8_sq", layers("input_layernorm", "pre_feedforward_layernorm")),
+        # A MoE layer's post-attention norm also feeds the router (and DeepSeek's shared experts).
+        ("deepseek_v3_int4_awq", ("model.layers.1.post_attention_layernorm",)),
+        ("qwen3moe_int4_awq", layers("post_attention_layernorm")),
+    ],
+)
+def test_norms_that_cannot_absorb_a_scale_pass_through(fixture, norms):
+    ck = lazyxform.open(FIXTURES / fixture, device="cpu")
+    orig, out = load_tensors(FIXTURES / fixture), dict(ck)
+    for norm in norms:
+        assert f"{norm}.weight" in ck.plan.passthrough and torch.equal(out[f"{norm}.weight"], orig[f"{norm}.weight"]), norm
+        layer, mlp = norm.rsplit(".", 1)[0], "mlp.experts.0" if FIXTURE_TABLE[fixture].moe else "mlp"
+        fed = "self_attn.q_proj" if norm.endswith("input_layernorm") else f"{mlp}.gate_proj"
+        assert f"{layer}.{fed}" in ck.plan.runtime_pre_quant_scale, norm
