@@ -47,6 +47,9 @@ class Case:
     # Whether losing that scale moves logprobs past the bound (it does except where noted).
     lost_pre_quant_scale_seen: bool = True
     log_says: str | None = None  # a limit the plugin must name in the log
+    # MoE layers whose experts' gate/up pre_quant_scale vLLM applies (lazyxform_vllm/experts.py), and
+    # how: "one scale" (every expert's the same) or "per expert" (the portable kernel).
+    experts_input_scale: tuple[int, str] | None = None
 
 
 # vLLM computes prefill attention from the fresh K and V and writes them to the KV cache in FP8; decode
@@ -97,6 +100,21 @@ CASES = {
     "w4a8_awq": Case(bound=1.5, reference={"activation": "fp8_token"}, runtime_pre_quant_scale=2),
     "w4a8_mxfp4_fp8": Case(reference={"activation": "fp8_token"}),
     "w4a8_nvfp4_fp8": Case(reference={"quantize_activations": False}),
+    "phi3_fp8": Case(),
+    "phi3_int4_awq": Case(runtime_pre_quant_scale=4),  # o_proj, down_proj: a part of a fused module's rows feeds them
+    "phi3_nvfp4": W4A4,
+    "gemma3_fp8": Case(),
+    "gemma3_int4_awq": Case(runtime_pre_quant_scale=2),
+    "gemma3_int8_sq": Case(runtime_pre_quant_scale=6),  # qkv_proj, o_proj, gate_up_proj: no fold into Gemma's (1 + w) norms
+    "deepseek_v3_fp8": Case(),
+    "deepseek_v3_nvfp4": W4A4,
+    "deepseek_v3_int4_awq": Case(runtime_pre_quant_scale=2, experts_input_scale=(1, "per expert")),
+    "qwen3moe_int4_awq": Case(runtime_pre_quant_scale=2, experts_input_scale=(2, "one scale")),
+    "lm_head_fp8": Case(),
+    "lm_head_nvfp4": W4A4,
+    "lm_head_int4_awq": Case(runtime_pre_quant_scale=3),  # lm_head's own and o_proj's
+    "fp8_pb_real": Case(reference={"activation": "fp8_group128"}),
+    "fp8_block_scales_inv": Case(reference={"activation": "fp8_group128"}),
 }
 # vLLM's kernel choice (or whether it can run the piece at all) depends on the instruction set:
 # WNA16 int4 has a vLLM kernel only in the AVX-512 library; an FP8 KV cache needs AVX-512.
@@ -155,6 +173,9 @@ def test_served_by_lazyxform(served: Served) -> None:
         # Forced, or no vLLM kernel for these schemes in the AVX2 library: every quantized linear
         # layer runs the portable kernel.
         assert not any("CompressedTensorsLinearMethod" in k for k in kernels.values()), kernels
+    want = CASES[served.name].experts_input_scale
+    experts = [k.split(" > ")[0] for k in kernels.values() if k.startswith("ExpertsInputScale")]
+    assert experts == ([f"ExpertsInputScale({want[1]})"] * want[0] if want else []), kernels
     if CASES[served.name].log_says:
         assert CASES[served.name].log_says in served.result["log"]
     if served.name in KV_FP8:
