@@ -123,8 +123,9 @@ def test_every_fixture_is_covered() -> None:
         "nvfp4_awq_lite", "nvfp4_svdquant", "phi3_int4_awq", "qwen3moe_int4_awq", "w4a8_awq",
     ]  # fmt: skip
     for name in NAMES:
-        algo, kv = mr.read_algos(FIXTURES / name)
-        assert algo in mr.ALGO_ACTIVATION, (name, algo)
+        _, kv = mr.read_algos(FIXTURES / name)
+        modules = [mr.transformers_name(m) for m in quantized_modules(load_tensors(FIXTURES / name))]
+        assert set(mr.module_algos(FIXTURES / name, modules).values()) <= set(mr.ALGO_ACTIVATION), name
         assert kv in (None, "FP8", "NVFP4"), (name, kv)
 
 
