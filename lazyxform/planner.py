@@ -85,7 +85,7 @@ def plan_and_config(
             algo=m.cfg.algo,
             scheme=group_names[name],
             target=describe_target(targets[name]),
-            inputs=sorted(m.tensors),
+            inputs=sorted(m.source(s).removeprefix(name + ".") for s in m.tensors),  # checkpoint names
             outputs=sorted({o.removeprefix(name + ".") for g in groups for o in g.outputs if o.startswith(name + ".")}),
             folds=pre.notes.get(name, []),
         )

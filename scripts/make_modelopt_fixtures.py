@@ -83,7 +83,6 @@ RECIPES = {
     "qwen2_int4_awq": ("qwen2", "INT4_AWQ_CFG", None),
     "qwen3moe_fp8": ("qwen3_moe", "FP8_DEFAULT_CFG", "FP8_KV_CFG"),
     "qwen3moe_nvfp4": ("qwen3_moe", "NVFP4_DEFAULT_CFG", None),
-    "qwen3moe_int4_awq": ("qwen3_moe", "INT4_AWQ_CFG", None),
     "mixtral_nvfp4": ("mixtral", "NVFP4_DEFAULT_CFG", None),
     "mixtral_fp8": ("mixtral", "FP8_DEFAULT_CFG", None),
     # --- issue 12: more architectures ---
@@ -266,17 +265,17 @@ def listify_moe_experts(model):
             return out
 
     cfg = model.config
-    I = cfg.moe_intermediate_size
+    inter = cfg.moe_intermediate_size
     for layer in model.model.layers:
         fused = getattr(layer.mlp, "experts", None)
         if fused is None:  # a dense layer
             continue
         mlps = []
         for e in range(fused.gate_up_proj.shape[0]):
-            m = MLP(cfg, intermediate_size=I).to(torch.bfloat16)
+            m = MLP(cfg, intermediate_size=inter).to(torch.bfloat16)
             with torch.no_grad():
-                m.gate_proj.weight.copy_(fused.gate_up_proj[e, :I])
-                m.up_proj.weight.copy_(fused.gate_up_proj[e, I:])
+                m.gate_proj.weight.copy_(fused.gate_up_proj[e, :inter])
+                m.up_proj.weight.copy_(fused.gate_up_proj[e, inter:])
                 m.down_proj.weight.copy_(fused.down_proj[e])
             mlps.append(m)
         layer.mlp.experts = ListExperts(mlps, len(mlps))
@@ -338,7 +337,7 @@ def snapshot_fakequant(model):
             if hasattr(m, "gate_up_proj_weight_quantizers") and hasattr(m, "gate_up_proj"):
                 gu = m.gate_up_proj
                 dn = m.down_proj
-                I = gu.shape[1] // 2
+                inter = gu.shape[1] // 2
                 iq_gu = getattr(m, "gate_up_proj_input_quantizer", None)
                 iq_dn = getattr(m, "down_proj_input_quantizer", None)
                 for e in range(gu.shape[0]):
@@ -348,8 +347,8 @@ def snapshot_fakequant(model):
                     fq = q(gu[e].detach().clone()).float().cpu()
                     pqs = getattr(iq_gu, "pre_quant_scale", None)
                     pqs = None if pqs is None else pqs.detach().float().cpu().clone()
-                    out[f"{name}.{e}.gate_proj"] = {"fq": fq[:I], "pqs": pqs, "w": gu[e, :I].float().cpu()}
-                    out[f"{name}.{e}.up_proj"] = {"fq": fq[I:], "pqs": pqs, "w": gu[e, I:].float().cpu()}
+                    out[f"{name}.{e}.gate_proj"] = {"fq": fq[:inter], "pqs": pqs, "w": gu[e, :inter].float().cpu()}
+                    out[f"{name}.{e}.up_proj"] = {"fq": fq[inter:], "pqs": pqs, "w": gu[e, inter:].float().cpu()}
                     qd = m.down_proj_weight_quantizers[e]
                     pqs = getattr(iq_dn, "pre_quant_scale", None)
                     pqs = None if pqs is None else pqs.detach().float().cpu().clone()
@@ -766,7 +765,7 @@ def main():
         r = subprocess.run([sys.executable, __file__, "--out", str(CKPTS), "--only", n], capture_output=True, text=True)
         log = Path(os.environ.get("TMPDIR", "/tmp")) / f"make_modelopt_fixtures.{n}.log"
         log.write_text(r.stdout[-20000:] + "\n--- stderr ---\n" + r.stderr[-20000:])
-        last = [l for l in r.stdout.splitlines() if l.startswith(f"[{n}]")]
+        last = [line for line in r.stdout.splitlines() if line.startswith(f"[{n}]")]
         print(last[-1] if last else f"[{n}] crashed rc={r.returncode}", f"{time.time() - t:.1f}s", flush=True)
 
 

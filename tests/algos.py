@@ -69,6 +69,9 @@ ALGOS: dict[str, Algo] = {
                                       frozenset({"weight", "weight_scale"}), "float32", fp32_decode_bound=0.0),
     "FP8_PB_WO": Algo("fp8", "fp8_2d_blockwise_wo", "float-quantized", ("float", 8, "block", None), ("float", 8, "group", True), 0.0,
                       frozenset({"weight", "weight_scale"}), "float32", fp32_decode_bound=0.0),
+    # The same blocks exported from already block-quantized weights (`fp8_pb_real`): the scale is 2-D.
+    "FP8_PB_REAL": Algo("fp8", "fp8_pb_real", "float-quantized", ("float", 8, "block", None), ("float", 8, "group", True), 0.0,
+                        frozenset({"weight", "weight_scale"}), "float32", fp32_decode_bound=0.0),
     "W8A8_SQ_PER_CHANNEL": Algo("int8", "int8_default", "int-quantized", ("int", 8, "channel", None), ("int", 8, "tensor", False), 0.0,
                                 frozenset({"weight", "weight_scale", "input_scale"}), "float32", fp32_decode_bound=0.0, batched=True, row_fold=True),
     "W8A16": Algo("int8", "int8_wo", "pack-quantized", ("int", 8, "channel", None), None, WNA16_BOUND, WNA16_OUT, "bfloat16",
@@ -94,9 +97,14 @@ ALGOS: dict[str, Algo] = {
                            frozenset({"weight_packed", "weight_scale"}), "uint8", stored="codes", vllm_scheme="W4A8Mxfp4"),
 }  # fmt: skip
 
-# Other names of an algo in ALGOS (same recipe, same output), with no fixture of their own: the
-# tests stream the canonical algo's fixture with the alias written into a copy of its config.
+# Other names of an algo in ALGOS (same recipe, same output): the tests stream the canonical algo's
+# fixture with the alias written into a copy of its config (and fp8_block_scales_inv is one).
 ALIASES: dict[str, str] = {"FP8_BLOCK_SCALES": "FP8_PB_WO"}
+
+
+def algo_row(algo: str) -> Algo:
+    """The row of an algo or of the algo it is an alias of."""
+    return ALGOS[ALIASES.get(algo, algo)]
 
 
 def layers(*leaves: str) -> tuple[str, ...]:
@@ -104,20 +112,35 @@ def layers(*leaves: str) -> tuple[str, ...]:
     return tuple(f"model.layers.{i}.{leaf}" for i in (0, 1) for leaf in leaves)
 
 
+def experts(layer: int, *projs: str, count: int = 4) -> tuple[str, ...]:
+    """model.layers.<layer>.mlp.experts.{0..count-1}.<proj> for each proj."""
+    return tuple(f"model.layers.{layer}.mlp.experts.{e}.{p}" for e in range(count) for p in projs)
+
+
 O_PROJ = layers("self_attn.o_proj")
 ALL_LINEARS = tuple(sorted(layers(*(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")), "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")))
+ATTENTION_AND_GATE_UP = tuple(sorted(layers(*(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")), "mlp.gate_proj", "mlp.up_proj")))
 
 
 @dataclass(frozen=True)
 class Fixture:
     """What one bundled fixture (tests/fixtures/modelopt/<name>) holds."""
 
-    algo: str  # its quant_algo, canonical (upper case)
+    algo: str  # its quant_algo, upper case (an ALIASES name where the checkpoint uses one)
+    model_type: str = "llama"  # config.json's
     kv: str | None = None  # kv_cache_quant_algo
     runtime_pqs: tuple[str, ...] = ()  # modules whose pre_quant_scale the engine must apply (GQA o_proj)
     folded_pqs: tuple[str, ...] = ()  # modules whose pre_quant_scale the stream folds away
     modules: int = 14  # quantized modules
-    moe: bool = False  # experts (mlp.experts.{e}.*) and routers
+    experts: int = 0  # of those, routed experts' projections (mlp.experts.{e}.*), each MoE layer with a router
+    mixed_precision: bool = False  # quant_algo MIXED_PRECISION, `algo` named per module in quantized_layers
+    # A typed error lazyxform.open raises (its message says this); None: served. A refused fixture
+    # is in no test that streams every fixture, only in the tests of its refusal.
+    refused: str | None = None
+
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0
 
     @property
     def pre_quant_scale(self) -> bool:
@@ -126,7 +149,7 @@ class Fixture:
 
     @property
     def target(self) -> Algo:
-        return ALGOS[self.algo]
+        return algo_row(self.algo)
 
 
 FIXTURE_TABLE: dict[str, Fixture] = {
@@ -151,7 +174,40 @@ FIXTURE_TABLE: dict[str, Fixture] = {
     "nvfp4_kv_nvfp4": Fixture("NVFP4", kv="NVFP4"),
     "nvfp4_mlp_only": Fixture("NVFP4", modules=6),
     "nvfp4_svdquant": Fixture("NVFP4_SVD", folded_pqs=ALL_LINEARS),  # dequantized: pqs multiplied into the columns
-    "qwen3moe_fp8": Fixture("FP8", kv="FP8", modules=32, moe=True),
+    "qwen3moe_fp8": Fixture("FP8", "qwen3_moe", kv="FP8", modules=32, experts=24),
+    # ModelOpt averages the experts' gate/up scales per layer (one vector each); down_proj's fold
+    # into each expert's up rows. Attention is GQA: o_proj's stay.
+    "qwen3moe_int4_awq": Fixture("W4A16_AWQ", "qwen3_moe", runtime_pqs=tuple(sorted(O_PROJ + experts(0, "gate_proj", "up_proj") + experts(1, "gate_proj", "up_proj"))),
+                                 folded_pqs=experts(0, "down_proj") + experts(1, "down_proj"), modules=32, experts=24),
+    # Phi-3: pre-fused qkv_proj / gate_up_proj (8 modules). ModelOpt folds no AWQ scale into a norm for
+    # a single Linear; lazyxform folds qkv's into input_layernorm and gate_up's into
+    # post_attention_layernorm. o_proj and down_proj read a part of a fused module's rows: kept.
+    "phi3_fp8": Fixture("FP8", "phi3", modules=8),
+    "phi3_int4_awq": Fixture("W4A16_AWQ", "phi3", runtime_pqs=tuple(sorted(layers("self_attn.o_proj", "mlp.down_proj"))),
+                             folded_pqs=tuple(sorted(layers("self_attn.qkv_proj", "mlp.gate_up_proj"))), modules=8),
+    "phi3_nvfp4": Fixture("NVFP4", "phi3", modules=8),
+    # Gemma 3: no norm fold ((1 + w) norms); Llama's row folds: down_proj's into up_proj's rows.
+    "gemma3_fp8": Fixture("FP8", "gemma3_text"),
+    "gemma3_int4_awq": Fixture("W4A16_AWQ", "gemma3_text", runtime_pqs=O_PROJ, folded_pqs=layers("mlp.down_proj")),
+    "gemma3_int8_sq": Fixture("W8A8_SQ_PER_CHANNEL", "gemma3_text", runtime_pqs=ATTENTION_AND_GATE_UP, folded_pqs=layers("mlp.down_proj")),
+    # DeepSeek-V3: MLA (q_a, q_b, kv_a_proj_with_mqa, kv_b, o) in both layers, a dense MLP in layer 0,
+    # shared + 4 routed experts in layer 1: 28 modules. AWQ: ModelOpt folded q_a/kv_a's, the dense
+    # gate/up's and the shared experts' gate/up's into the norms; lazyxform folds q_b's and kv_b's into
+    # q_a_layernorm / kv_a_layernorm and every down_proj's into its up_proj's rows. The routed experts'
+    # gate/up scales (one per expert) and o_proj's stay.
+    "deepseek_v3_fp8": Fixture("FP8", "deepseek_v3", modules=28, experts=12),
+    "deepseek_v3_nvfp4": Fixture("NVFP4", "deepseek_v3", modules=28, experts=12),
+    "deepseek_v3_int4_awq": Fixture("W4A16_AWQ", "deepseek_v3", runtime_pqs=tuple(sorted(O_PROJ + experts(1, "gate_proj", "up_proj"))),
+                                    folded_pqs=tuple(sorted(layers("self_attn.q_b_proj", "self_attn.kv_b_proj") + ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.down_proj") + experts(1, "down_proj"))),
+                                    modules=28, experts=12),
+    # lm_head quantized (15 modules). AWQ: ModelOpt never folds into model.norm, so lm_head's stays.
+    "lm_head_fp8": Fixture("FP8", modules=15),
+    "lm_head_nvfp4": Fixture("NVFP4", modules=15),
+    "lm_head_int4_awq": Fixture("W4A16_AWQ", runtime_pqs=("lm_head", *O_PROJ), folded_pqs=layers("mlp.down_proj"), modules=15),
+    "fp8_pb_real": Fixture("FP8_PB_REAL"),
+    # Edited from fp8_2d_blockwise_wo: FP8_BLOCK_SCALES per module, scales as weight_scale_inv [o/128, i/128].
+    "fp8_block_scales_inv": Fixture("FP8_BLOCK_SCALES", mixed_precision=True),
+    "fp8_kv_nvfp4_affine": Fixture("FP8", kv="NVFP4_AFFINE", refused="kv_cache_quant_algo 'NVFP4_AFFINE' is not supported: NVFP4 with a per-channel offset"),
     "w4a16_nvfp4": Fixture("W4A16_NVFP4"),
     "w4a8_awq": Fixture("W4A8_AWQ", runtime_pqs=O_PROJ, folded_pqs=layers("mlp.down_proj")),
     "w4a8_mxfp4_fp8": Fixture("W4A8_MXFP4_FP8"),
@@ -161,7 +217,9 @@ FIXTURE_TABLE: dict[str, Fixture] = {
 
 def fixtures(**where) -> list[str]:
     """Fixture names, sorted, whose rows match: fixtures(kv="FP8"), fixtures(family="fp4"),
-    fixtures(dense=False), fixtures(stored="codes"), or any Fixture / Algo field."""
+    fixtures(dense=False), fixtures(stored="codes"), or any Fixture / Algo field. Served fixtures
+    only, unless `refused` is given."""
+    where.setdefault("refused", None)
 
     def matches(f: Fixture) -> bool:
         for key, want in where.items():
@@ -176,6 +234,11 @@ def fixtures(**where) -> list[str]:
         return True
 
     return sorted(name for name, f in FIXTURE_TABLE.items() if matches(f))
+
+
+# Every fixture lazyxform serves: what the tests that stream each fixture run on.
+SERVED = fixtures()
+REFUSED = sorted(set(FIXTURE_TABLE) - set(SERVED))
 
 
 def representatives(**where) -> list[str]:

@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import torch
-from algos import ALGOS, ROW_FOLD_EXTRA
+from algos import ROW_FOLD_EXTRA, algo_row
 from reference import FIXTURES, ct_decompress, fp32_reciprocal, int4_values, load_tensors, modelopt_weight
 from safetensors.torch import save_file
 
@@ -174,7 +174,7 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) 
 def folded_row_factor(module: str, orig: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The pre_quant_scale of the module reading this module's output rows, when the stream no
     longer carries it and that module is still quantized: folded into these rows."""
-    parent, leaf = module.rsplit(".", 1)
+    parent, _, leaf = module.rpartition(".")  # lm_head has no parent
     consumer = {"up_proj": "down_proj", "w3": "w2", "v_proj": "o_proj"}.get(leaf)
     key = f"{parent}.{consumer}.pre_quant_scale"
     folded = consumer and key in orig and key not in out and f"{parent}.{consumer}.weight_scale" in out
@@ -186,7 +186,7 @@ def check_stored_bits(algo: str, orig: dict, out: dict, module: str, factor: tor
     algo's `stored` layout) the compressed-tensors tensors hold exactly ModelOpt's values."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    row = ALGOS[algo]
+    row = algo_row(algo)
     own = {k[len(module) + 1:] for k in out if k.startswith(module + ".")} - {"pre_quant_scale", "bias"}
     assert own == row.outputs, (module, own)
     if row.scale_dtype is not None:
@@ -217,7 +217,7 @@ def check_module(algo: str, orig: dict, out: dict, qc: dict, module: str, factor
     """Stored bits as check_stored_bits says, and the weight (compressed-tensors' decompressor, or
     the dense weight) within the algo's bound of ModelOpt's formula (rows times `factor` where a
     consumer's pre_quant_scale was folded into them)."""
-    row = ALGOS[algo]
+    row = algo_row(algo)
     check_stored_bits(algo, orig, out, module, factor)
     want = modelopt_weight(algo, orig, module)
     rel = row.bound

@@ -28,7 +28,14 @@ E2M1_TABLE = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2,
 SVD_A = "weight_quantizer._svdquant_lora_a"
 SVD_B = "weight_quantizer._svdquant_lora_b"
 # Weight formats decoded in float32 (code x scale, one rounding); the others in float64 (exact).
-FP32_DECODED = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "W8A8_SQ_PER_CHANNEL", "W8A16")
+FP32_DECODED = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "FP8_PB_REAL", "FP8_BLOCK_SCALES", "W8A8_SQ_PER_CHANNEL", "W8A16")
+# FP8 128x128 block formats: ModelOpt's FP8_PB_WO (scale [out/128, 1, in/128, 1]) and fp8_pb_real
+# (its export of weights already block-quantized, scale [out/128, in/128]); TensorRT-LLM's
+# FP8_BLOCK_SCALES, whose scale NVIDIA's releases store as `weight_scale_inv` [out/128, in/128], a
+# multiplier despite the name (DeepSeek-V3's convention; vLLM issue #54126).
+FP8_BLOCK = ("FP8_PB_WO", "FP8_PB_REAL", "FP8_BLOCK_SCALES")
+# Names of a module's weight scale: ModelOpt's, and the block formats' other one.
+WEIGHT_SCALES = ("weight_scale", "weight_scale_inv")
 
 
 def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -51,7 +58,12 @@ def algo_of(algo: str) -> str:
 
 
 def quantized_modules(t: dict[str, torch.Tensor]) -> list[str]:
-    return sorted(k.removesuffix(".weight_scale") for k in t if k.endswith(".weight_scale"))
+    return sorted(k.rpartition(".")[0] for k in t if k.rpartition(".")[2] in WEIGHT_SCALES)
+
+
+def weight_scale(t: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """The module's weight scale, under whichever of WEIGHT_SCALES the checkpoint uses."""
+    return next(t[f"{module}.{s}"] for s in WEIGHT_SCALES if f"{module}.{s}" in t)
 
 
 # --- ModelOpt's weight formats ---------------------------------------------------------------------
@@ -82,14 +94,14 @@ def modelopt_weight(algo: str, t: dict[str, torch.Tensor], module: str) -> torch
     """W as ModelOpt's formulas define it (section 3 table, section 4): float32 for FP32_DECODED,
     float64 otherwise. NVFP4_SVD: the whole weight, W_res + B @ A."""
     algo = algo_of(algo)
-    w, ws = t[f"{module}.weight"], t[f"{module}.weight_scale"]
+    w, ws = t[f"{module}.weight"], weight_scale(t, module)
     if algo == "FP8":
         return w.float() * ws.float()
     if algo in ("FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "W8A16"):
         return w.float() * ws.float()[:, None]
-    if algo == "FP8_PB_WO":
+    if algo in FP8_BLOCK:
         out, inp = w.shape
-        block = ws.float().squeeze(-1).squeeze(1)  # [out/128, 1, in/128, 1] -> [out/128, in/128]
+        block = ws.float().reshape(-(-out // 128), -(-inp // 128))  # [out/128, 1, in/128, 1] or already 2-D
         full = block.repeat_interleave(128, 0)[:out].repeat_interleave(128, 1)[:, :inp]
         return w.float() * full
     if algo in ("W4A16_AWQ", "W4A8_AWQ"):

@@ -4,7 +4,11 @@ each row says what its fixture's config says."""
 
 from __future__ import annotations
 
-from algos import ALGOS, ALIASES, FIXTURE_DIR, FIXTURE_TABLE
+import json
+import re
+
+import pytest
+from algos import ALGOS, ALIASES, FIXTURE_DIR, FIXTURE_TABLE, REFUSED
 from reference import hf_quant_algo
 
 import lazyxform
@@ -40,8 +44,15 @@ def test_every_fixture_directory_has_a_row():
 
 def test_every_fixture_says_the_algo_its_row_names():
     for name, row in FIXTURE_TABLE.items():
-        assert row.algo in ALGOS, name
-        assert hf_quant_algo(FIXTURE_DIR / name) == row.algo, name
+        assert row.algo in ALGOS or row.algo in ALIASES, name
+        assert hf_quant_algo(FIXTURE_DIR / name) == ("MIXED_PRECISION" if row.mixed_precision else row.algo), name
         assert lazyxform.read_modelopt_algos(FIXTURE_DIR / name) == {row.algo}, name
+        assert json.loads((FIXTURE_DIR / name / "config.json").read_text())["model_type"] == row.model_type, name
         cfg, _ = lazyxform.read_modelopt_config(FIXTURE_DIR / name)
         assert cfg.kv_cache_algo == row.kv, name
+
+
+@pytest.mark.parametrize("fixture", REFUSED)
+def test_a_refused_fixture_is_refused_by_name(fixture):
+    with pytest.raises(lazyxform.UnsupportedAlgoError, match=re.escape(FIXTURE_TABLE[fixture].refused)):
+        lazyxform.open(FIXTURE_DIR / fixture, device="cpu")

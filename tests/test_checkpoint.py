@@ -7,7 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from algos import FIXTURE_TABLE
+from algos import SERVED
 from reference import FIXTURES
 
 import lazyxform
@@ -25,7 +25,7 @@ def test_open_builds_the_plan_from_headers_alone(monkeypatch):
         next(iter(ck))
 
 
-@pytest.mark.parametrize("fixture", sorted(FIXTURE_TABLE))
+@pytest.mark.parametrize("fixture", SERVED)
 def test_hf_config_is_config_json_with_the_shim(fixture):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lazyxform.LazyxformWarning)  # NVFP4_SVD is dequantized

@@ -10,16 +10,16 @@ import warnings
 
 import pytest
 import torch
-from algos import FIXTURE_TABLE
+from algos import FIXTURE_TABLE, SERVED
 from helpers import check_module, folded_row_factor
 from reference import FIXTURES, load_tensors, quantized_modules
 
 import lazyxform
 
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("q_a_proj", "kv_a_proj_with_mqa"))
 
 
-@pytest.fixture(scope="module", params=sorted(FIXTURE_TABLE))
+@pytest.fixture(scope="module", params=SERVED)
 def case(request):
     name, row = request.param, FIXTURE_TABLE[request.param]
     path = FIXTURES / name
@@ -54,9 +54,9 @@ def test_activation_scales_are_modelopts_merged_over_fused_siblings(case):
         return
     assert names
     for scale in names:
-        parent, leaf = scale.removesuffix(".input_scale").rsplit(".", 1)
+        parent, dot, leaf = scale.removesuffix(".input_scale").rpartition(".")  # lm_head has no parent
         family = next((f for f in FUSED if leaf in f), (leaf,))
-        siblings = torch.stack([orig[f"{parent}.{x}.input_scale"] for x in family])
+        siblings = torch.stack([orig[f"{parent}{dot}{x}.input_scale"] for x in family])
         assert out[scale].shape == (1,)
         assert out[scale].item() == siblings.max().item()
         # ModelOpt exports fused siblings with one input amax, so the merge loses nothing here.
@@ -70,5 +70,8 @@ def test_unquantized_tensors_pass_through_bit_exact(case):
         assert tensor not in folded_norms
         assert orig[tensor].dtype == torch.bfloat16, tensor
         assert torch.equal(out[tensor], orig[tensor]), tensor
-    assert {n for n in ck.plan.passthrough if n.endswith("embed_tokens.weight") or n == "lm_head.weight"} == {"model.embed_tokens.weight", "lm_head.weight"}
+    # The embedding, and lm_head unless quantized or tied to the embedding (Gemma 3: no lm_head.weight).
+    unquantized = ({"model.embed_tokens.weight", "lm_head.weight"} & set(orig)) - {f"{m.name}.weight" for m in ck.plan.modules}
+    assert {n for n in ck.plan.passthrough if n.endswith("embed_tokens.weight") or n == "lm_head.weight"} == unquantized
+    assert "model.embed_tokens.weight" in unquantized
     assert set(out) == set(ck.plan.passthrough) | {o for g in ck.plan.groups for o in g.outputs}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from algos import FIXTURE_TABLE
+from algos import SERVED
 from helpers import safetensors_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -351,7 +351,7 @@ def test_index_weight_map(shard_dir):
 
 # --- planning from headers ---------------------------------------------------------------------------
 
-PLAN_FIXTURES = sorted(FIXTURE_TABLE)
+PLAN_FIXTURES = SERVED
 LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "x", ""]
 SUFFIXES = ["weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale", "bias", "weight_packed"]
 BASES = {f: (read_modelopt_config(FIXTURES / f), index_checkpoint(FIXTURES / f)) for f in PLAN_FIXTURES}
@@ -376,10 +376,11 @@ def test_plan_from_mutated_headers():
             elif op == "rename":
                 parts = name.split(".")
                 parts[data.draw(st.integers(0, len(parts) - 1))] = data.draw(st.sampled_from(LEAVES))
-                infos[".".join(parts)] = info
+                infos[".".join(parts)] = dataclasses.replace(info, name=".".join(parts))  # an index names each tensor by its key
             elif op == "add":
                 infos[name] = info
-                infos[f"{name.rpartition('.')[0]}.{data.draw(st.sampled_from(SUFFIXES))}"] = info
+                added = f"{name.rpartition('.')[0]}.{data.draw(st.sampled_from(SUFFIXES))}"
+                infos[added] = dataclasses.replace(info, name=added)
             elif op == "config":
                 infos[name] = info
                 algo = AlgoConfig(data.draw(st.sampled_from([*CANONICAL, "FP3"])), data.draw(st.sampled_from([None, 16, 32, 100, 128])))

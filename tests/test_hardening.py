@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from algos import FIXTURE_TABLE
+from algos import SERVED
 from helpers import copy_fixture, edit_json, rewrite_tensors, safetensors_bytes, shard_checkpoint
 from reference import FIXTURES, load_tensors
 from safetensors.torch import save_file
@@ -33,7 +33,7 @@ from lazyxform.errors import (
 from lazyxform.reader import Reader
 from lazyxform.shards import MAX_HEADER_BYTES, read_header
 
-ALL_FIXTURES = sorted(FIXTURE_TABLE)
+ALL_FIXTURES = SERVED
 
 
 def entry(dtype: object = "F32", shape: object = (2,), offsets: object = (0, 8)) -> dict:
@@ -349,7 +349,9 @@ def test_group_size_that_contradicts_the_scales(tmp_path, fixture, group_size, e
         ("fp8", "model.layers.0.mlp.up_proj.weight", torch.zeros(512, 256, dtype=torch.int8), r"up_proj\.weight \(int8 \[512, 256\]\) in model\.safetensors: expected float8_e4m3fn \[512, 256\]"),
         ("fp8", "model.layers.0.mlp.up_proj.input_scale", torch.ones(1), r"up_proj\.input_scale \(float32 \[1\]\) .*: expected float32 \[\]"),
         ("fp8", "model.layers.0.mlp.up_proj.weight", torch.zeros(2, 512, 256, dtype=torch.float8_e4m3fn), r"up_proj\.weight \(float8_e4m3fn \[2, 512, 256\]\) .*: expected a 2-D weight"),
-        ("fp8_2d_blockwise_wo", "model.layers.0.mlp.up_proj.weight_scale", torch.ones(4, 2), r"weight_scale \(float32 \[4, 2\]\) .*: expected float32 \[4, 1, 2, 1\]"),
+        # Block scales come 4-D (FP8_PB_WO) or 2-D (fp8_pb_real, weight_scale_inv), each with its block counts.
+        ("fp8_2d_blockwise_wo", "model.layers.0.mlp.up_proj.weight_scale", torch.ones(4, 1, 3, 1), r"weight_scale \(float32 \[4, 1, 3, 1\]\) .*: expected float32 \[4, 1, 2, 1\]"),
+        ("fp8_2d_blockwise_wo", "model.layers.0.mlp.up_proj.weight_scale", torch.ones(4, 3), r"weight_scale \(float32 \[4, 3\]\) .*: expected float32 \[4, 2\]"),
         ("int4_awq", "model.layers.0.mlp.up_proj.weight", torch.zeros(512, 256, dtype=torch.uint8), r"up_proj\.weight_scale \(float32 \[512, 2\]\) .*: expected float32 \[1024, 2\]"),
         ("nvfp4", "model.layers.0.mlp.up_proj.weight_scale", torch.ones(512, 16), r"up_proj\.weight_scale \(float32 \[512, 16\]\) .*: expected float8_e4m3fn \[512, 16\]"),
         ("nvfp4", "model.layers.0.mlp.up_proj.weight_scale_2", torch.ones(512), r"weight_scale_2 \(float32 \[512\]\) .*: expected float32 \[\]"),
@@ -443,7 +445,7 @@ def test_every_scale_with_a_forbidden_value_is_refused(fixture):
         ck = lazyxform.open(FIXTURES / fixture, device="cpu")
     tensors = load_tensors(FIXTURES / fixture)
     group_of = ck.plan.group_of()
-    scales = [n for n in tensors if n.endswith(("_scale", "_scale_2"))]
+    scales = [n for n in tensors if n.endswith(("_scale", "_scale_2", "_scale_inv"))]
     assert scales
     for name in scales:
         for value in forbidden_values(tensors[name].dtype):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from algos import FIXTURE_TABLE, NORM_FOLD_BOUND, layers
+from algos import FIXTURE_TABLE, NORM_FOLD_BOUND, O_PROJ, SERVED, layers
 from helpers import check_module, copy_fixture, edit_json, folded_row_factor, make_moe, rewrite_tensors
 from reference import FIXTURES, ct_decompress, load_tensors, modelopt_weight
 
@@ -14,7 +14,7 @@ import lazyxform
 
 
 @pytest.mark.filterwarnings("ignore::lazyxform.LazyxformWarning")  # NVFP4_SVD is dequantized
-@pytest.mark.parametrize("fixture", sorted(FIXTURE_TABLE))
+@pytest.mark.parametrize("fixture", SERVED)
 def test_pre_quant_scales_fold_or_stay_as_documented(fixture):
     row = FIXTURE_TABLE[fixture]
     ck = lazyxform.open(FIXTURES / fixture, device="cpu")
@@ -103,9 +103,9 @@ def test_mlp_with_down_proj_scale_folded_into_up_proj_rows(fixture):
         assert (unfolded - want).norm() > 2**-6 * want.norm(), "the check cannot tell a missing fold"
 
 
-# Fixtures keeping o_proj's scale under GQA; made MHA, it folds into v_proj's rows iff the algo's
-# weight scales absorb a row factor.
-O_PROJ_KEPT = sorted(f for f, row in FIXTURE_TABLE.items() if set(layers("self_attn.o_proj")) <= set(row.runtime_pqs))
+# Fixtures with Llama's attention (q/k/v_proj) keeping o_proj's scale under GQA; made MHA, it folds
+# into v_proj's rows iff the algo's weight scales absorb a row factor.
+O_PROJ_KEPT = sorted(f for f, row in FIXTURE_TABLE.items() if set(O_PROJ) <= set(row.runtime_pqs) and row.model_type in ("llama", "qwen3_moe", "gemma3_text"))
 
 
 @pytest.mark.parametrize("fixture", O_PROJ_KEPT)
@@ -126,8 +126,8 @@ def test_o_proj_scale_folds_into_v_proj_rows_only_where_row_scales_absorb_it(tmp
     rewrite_tensors(ckpt, clone_q_into_k_and_v)
     ck = lazyxform.open(ckpt, device="cpu")
     orig, out = load_tensors(ckpt), dict(ck)
-    o_projs = list(layers("self_attn.o_proj"))
-    assert ck.plan.runtime_pre_quant_scale == ([] if folds else o_projs)
+    others = sorted(set(row.runtime_pqs) - set(O_PROJ))
+    assert ck.plan.runtime_pre_quant_scale == sorted(others + ([] if folds else list(O_PROJ)))
     for layer in ("model.layers.0", "model.layers.1"):
         factor = folded_row_factor(f"{layer}.self_attn.v_proj", orig, out)
         assert (factor is not None) == folds
@@ -202,3 +202,50 @@ def test_a_bias_on_the_row_producer_is_scaled_with_its_rows(tmp_path):
         unscaled = x @ ct_decompress(ck.quantization_config, up, out).float().T + orig[f"{up}.bias"].float()
         assert (got - want).norm() <= 2**-6 * want.norm(), up
         assert (unscaled - want).norm() > 2**-6 * want.norm(), "the check cannot tell an unscaled bias"
+
+
+# Norms that absorb the pre_quant_scale their consumers share (lazyxform/topology.py): Phi-3's
+# pre-fused modules (ModelOpt folds none for a single Linear), DeepSeek's MLA latent norms.
+NORM_FOLDS = [
+    ("phi3_int4_awq", "input_layernorm", "self_attn.qkv_proj"),
+    ("phi3_int4_awq", "post_attention_layernorm", "mlp.gate_up_proj"),
+    ("deepseek_v3_int4_awq", "self_attn.q_a_layernorm", "self_attn.q_b_proj"),
+    ("deepseek_v3_int4_awq", "self_attn.kv_a_layernorm", "self_attn.kv_b_proj"),
+]
+
+
+@pytest.mark.parametrize(("fixture", "norm", "consumer"), NORM_FOLDS)
+def test_norm_absorbs_its_consumers_pre_quant_scale(fixture, norm, consumer):
+    """rms(h) * g' @ W^T against rms(h) * g * pqs @ W^T (ModelOpt's W: only the fold is under test),
+    within one bf16 rounding of g * pqs; without the fold it is off by the scale (0.5-2 here)."""
+    ck = lazyxform.open(FIXTURES / fixture, device="cpu")
+    orig, out = load_tensors(FIXTURES / fixture), dict(ck)
+    for layer in ("model.layers.0", "model.layers.1"):
+        norm_w, module = f"{layer}.{norm}.weight", f"{layer}.{consumer}"
+        assert f"{module}.pre_quant_scale" not in out and norm_w not in ck.plan.passthrough
+        g, pqs = orig[norm_w].float(), orig[f"{module}.pre_quant_scale"].float()
+        w = modelopt_weight(FIXTURE_TABLE[fixture].algo, orig, module).float()
+        h = rms(torch.randn(16, g.shape[0], generator=torch.Generator().manual_seed(0)))
+        x = h * g * pqs
+        assert_within_map(h * out[norm_w].float() @ w.T, x @ w.T, x.abs(), w, module)
+        assert not torch.allclose(h * g @ w.T, x @ w.T, rtol=2**-6), "the check cannot tell a missing fold"
+
+
+@pytest.mark.parametrize(
+    ("fixture", "norms"),
+    [
+        # Gemma's (1 + w) norms absorb nothing: q/k/v and gate/up keep their scales.
+        ("gemma3_int8_sq", layers("input_layernorm", "pre_feedforward_layernorm")),
+        # A MoE layer's post-attention norm also feeds the router (and DeepSeek's shared experts).
+        ("deepseek_v3_int4_awq", ("model.layers.1.post_attention_layernorm",)),
+        ("qwen3moe_int4_awq", layers("post_attention_layernorm")),
+    ],
+)
+def test_norms_that_cannot_absorb_a_scale_pass_through(fixture, norms):
+    ck = lazyxform.open(FIXTURES / fixture, device="cpu")
+    orig, out = load_tensors(FIXTURES / fixture), dict(ck)
+    for norm in norms:
+        assert f"{norm}.weight" in ck.plan.passthrough and torch.equal(out[f"{norm}.weight"], orig[f"{norm}.weight"]), norm
+        layer, mlp = norm.rsplit(".", 1)[0], "mlp.experts.0" if FIXTURE_TABLE[fixture].moe else "mlp"
+        fed = "self_attn.q_proj" if norm.endswith("input_layernorm") else f"{mlp}.gate_proj"
+        assert f"{layer}.{fed}" in ck.plan.runtime_pre_quant_scale, norm

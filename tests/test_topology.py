@@ -94,3 +94,17 @@ def test_mixtral_naming_streams_like_qwen3_moe(tmp_path):
     merged = [g for g in ck.plan.groups if any(n.endswith(".w1.input_scale") for n in g.inputs)]
     assert merged and all(any(n.endswith(".w3.input_scale") for n in g.inputs) for g in merged)
     assert r"re:model\.layers\..*\.block_sparse_moe\.gate" in ck.quantization_config["ignore"]
+
+
+@pytest.mark.parametrize("scale", ["weight_scale_2", "input_scale"])
+def test_deepseek_mla_a_projections_are_one_gemm_whose_nvfp4_global_scales_must_agree(tmp_path, scale):
+    """vLLM runs q_a_proj and kv_a_proj_with_mqa as one GEMM (fused_qkv_a_proj) with one global scale;
+    ModelOpt exports them equal, and a checkpoint where they differ is refused, not served with one."""
+    ckpt = copy_fixture("deepseek_v3_nvfp4", tmp_path)
+    key = f"model.layers.1.self_attn.kv_a_proj_with_mqa.{scale}"
+    ck = lazyxform.open(ckpt, device="cpu")
+    q_a = f"model.layers.1.self_attn.q_a_proj.{scale}"
+    assert frozenset({q_a, key}) in {frozenset(g.inputs) for g in ck.plan.groups}
+    rewrite_tensors(ckpt, lambda t: t.update({key: t[key] * 2}))
+    with pytest.raises(lazyxform.InconsistentScalesError, match=rf"{re.escape(scale)} of siblings fused into one GEMM: .*q_a_proj\.{scale} and .*kv_a_proj_with_mqa\.{scale} differ"):
+        stream(ckpt)

@@ -46,16 +46,26 @@ def test_fused_nvfp4_global_scales_must_be_identical(tmp_path, suffix):
         list(ck)
 
 
-@pytest.mark.parametrize("fixture", fixtures(family="fp4", dense=False))
+# What vLLM runs as one GEMM over one input (Llama, Qwen3-MoE, DeepSeek's MLA and shared experts).
+FUSED = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+    ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+)
+
+
+# Phi-3's fused modules are single checkpoint modules: nothing to share.
+@pytest.mark.parametrize("fixture", [f for f in fixtures(family="fp4", dense=False) if FIXTURE_TABLE[f].model_type != "phi3"])
 def test_fused_global_scales_are_shared_as_modelopt_exports_them(fixture):
-    """One weight (and, with FP4 activations, input) global scale per fused q/k/v and gate/up GEMM."""
+    """One weight (and, with FP4 activations, input) global scale per fused GEMM."""
     out = dict(lazyxform.open(FIXTURES / fixture, device="cpu"))
     suffixes = [s for s in ("weight_global_scale", "input_global_scale") if s in FIXTURE_TABLE[fixture].target.outputs]
     assert "weight_global_scale" in suffixes
     checked = 0
     for layer in ("model.layers.0", "model.layers.1"):
-        for family in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
-            if f"{layer}.{family[0]}.weight_packed" not in out:  # nvfp4_mlp_only: attention stays dense
+        for family in FUSED:
+            if f"{layer}.{family[0]}.weight_packed" not in out:  # nvfp4_mlp_only: attention stays dense; the other architecture's
                 continue
             for suffix in suffixes:
                 values = [out[f"{layer}.{m}.{suffix}"] for m in family]

@@ -18,6 +18,21 @@ def test_block_scheme_says_128x128():
     assert group["input_activations"]["group_size"] == 128
 
 
+@pytest.mark.parametrize("fixture", ["fp8_block_scales_inv", "fp8_pb_real"])
+def test_other_block_layouts_stream_like_fp8_pb_wo(fixture):
+    """fp8_block_scales_inv (FP8_BLOCK_SCALES in MIXED_PRECISION, scales as weight_scale_inv
+    [out/128, in/128]) was edited from fp8_2d_blockwise_wo with the values unchanged: it streams the
+    same tensors and the same scheme. fp8_pb_real (its own export, 2-D weight_scale) streams the
+    same tensor names and scheme."""
+    ck, base = lazyxform.open(FIXTURES / fixture, device="cpu"), lazyxform.open(FIXTURES / "fp8_2d_blockwise_wo", device="cpu")
+    out, want = dict(ck), dict(base)
+    assert set(out) == set(want)
+    if fixture == "fp8_block_scales_inv":
+        assert all(torch.equal(out[n], want[n]) for n in want)
+    (group,), (base_group,) = ck.quantization_config["config_groups"].values(), base.quantization_config["config_groups"].values()
+    assert {k: v for k, v in group.items() if k != "targets"} == {k: v for k, v in base_group.items() if k != "targets"}
+
+
 def test_block_scales_lose_their_unit_dimensions():
     """ModelOpt stores 128x128 block scales as [out/128, 1, in/128, 1]; compressed-tensors as
     [out/128, in/128]: a 256 x 512 weight has 2 x 4 blocks, the same fp32 values."""

@@ -39,6 +39,8 @@ def kernels(model: torch.nn.Module) -> dict[str, str]:
         parts = [type(method).__name__]
         if inner is not method:
             parts.append(type(inner).__name__)
+        if any(c.__name__ == "ExpertsInputScale" for c in type(method).__mro__):  # lazyxform_vllm/experts.py
+            parts.insert(0, f"ExpertsInputScale({'one scale' if hasattr(module, 'experts_input_scale') else 'per expert'})")
         scheme = getattr(module, "scheme", None)
         if scheme is not None and "Portable" not in parts[-1]:
             parts.append(type(scheme).__name__)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from reference import SVD_A, SVD_B, load_tensors, modelopt_weight
+from reference import SVD_A, SVD_B, WEIGHT_SCALES, load_tensors, modelopt_weight, quantized_modules
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -38,7 +38,7 @@ E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 ActQuant = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 # Tensors a quantized module exports besides its weight; none of them is a transformers parameter.
-QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale", SVD_A, SVD_B)
+QUANT_SUFFIXES = (*WEIGHT_SCALES, "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale", SVD_A, SVD_B)
 
 # Mixtral checkpoints name what transformers' Mixtral calls mlp.gate and mlp.experts.*.{gate,up,down}_proj.
 MIXTRAL_NAMES = {".block_sparse_moe.": ".mlp.", ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
@@ -194,6 +194,8 @@ ALGO_ACTIVATION: dict[str, str | None] = {
     "FP8": "fp8_tensor",  # FP8_DEFAULT_CFG: e4m3, axis None, max calibration
     "FP8_PER_CHANNEL_PER_TOKEN": "fp8_token",  # e4m3, block_sizes {-1: None}, type dynamic
     "FP8_PB_WO": None,  # FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG: input quantizer disabled
+    "FP8_PB_REAL": None,  # the same config, exported after mtq.compress
+    "FP8_BLOCK_SCALES": None,  # TensorRT-LLM's name for FP8_PB_WO's weight-only blocks
     "W8A8_SQ_PER_CHANNEL": "int8_tensor",  # INT8_DEFAULT / INT8_SMOOTHQUANT: 8 bits, axis None
     "W8A16": None,
     "W4A16_AWQ": None,  # INT4_AWQ_CFG, INT4_BLOCKWISE_WEIGHT_ONLY_CFG
@@ -289,7 +291,7 @@ class Reference:
         config = AutoConfig.for_model(**config_dict)
         config._attn_implementation = "eager"
         self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        modules = sorted(k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale"))
+        modules = quantized_modules(tensors)
         self.algos = algos = module_algos(ckpt, modules)  # quantized module (transformers name) -> algo
         quantized = {f"{m}.weight" for m in modules} | {k for k in tensors if k.endswith(QUANT_SUFFIXES)}
         dense = {k: v.to(dtype) for k, v in tensors.items() if k not in quantized}
@@ -317,10 +319,11 @@ class Reference:
                 w = dequantize(algo, tensors, m).to(dtype)
             if ".experts." in m:
                 block, e, proj = m.rsplit(".", 3)[0], int(m.rsplit(".", 2)[1]), m.rsplit(".", 1)[1]
-                if pqs is not None or m in low_rank:
-                    raise NotImplementedError(f"{m}: expert pre_quant_scale / low-rank term")
+                if m in low_rank:
+                    raise NotImplementedError(f"{m}: expert low-rank term")
                 experts.setdefault(block, {}).setdefault(e, {})[proj] = w
                 experts[block][e][proj + ".input_scale"] = scale
+                experts[block][e][proj + ".pre_quant_scale"] = None if pqs is None else pqs.to(dtype)
                 expert_act[block] = act
                 continue
             dense[f"{m}.weight"] = w
@@ -390,9 +393,10 @@ class LowRank(nn.Module):
 
 class Experts(nn.Module):
     """Stands in for transformers' fused experts module (same call): each expert is
-    down(act(gate(x)) * up(x)), with ModelOpt's input quantizer before each projection. One input
-    quantizer per projection type serves every expert of a layer (doc section 3, MoE), so expert
-    0's input_scale is everyone's."""
+    down(act(gate(x)) * up(x)), with the projection's own pre_quant_scale (AWQ exports of experts
+    built as nn.Linear give each expert its own) and then ModelOpt's input quantizer before each
+    projection. One input quantizer per projection type serves every expert of a layer (doc
+    section 3, MoE), so expert 0's input_scale is everyone's."""
 
     def __init__(self, experts: list[dict[str, torch.Tensor | None]], act_fn: nn.Module, act: ActQuant | None) -> None:
         super().__init__()
@@ -400,7 +404,9 @@ class Experts(nn.Module):
         self.act_fn = act_fn
         self.act = act
 
-    def _input(self, x: torch.Tensor, proj: str) -> torch.Tensor:
+    def _input(self, x: torch.Tensor, e: int, proj: str) -> torch.Tensor:
+        pqs = self.experts[e][proj + ".pre_quant_scale"]
+        x = x if pqs is None else x * pqs
         return x if self.act is None else self.act(x, self.experts[0][proj + ".input_scale"])
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -408,8 +414,8 @@ class Experts(nn.Module):
         for e, w in enumerate(self.experts):
             token, slot = torch.where(top_k_index == e)
             x = hidden[token]
-            gate = self._input(x, "gate_proj") @ w["gate_proj"].T
-            up = self._input(x, "up_proj") @ w["up_proj"].T
-            y = self._input(self.act_fn(gate) * up, "down_proj") @ w["down_proj"].T
+            gate = self._input(x, e, "gate_proj") @ w["gate_proj"].T
+            up = self._input(x, e, "up_proj") @ w["up_proj"].T
+            y = self._input(self.act_fn(gate) * up, e, "down_proj") @ w["down_proj"].T
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out

@@ -92,3 +92,19 @@ def test_plugin_registration_is_idempotent() -> None:
     parser = type(get_config_parser("hf"))
     assert parser is ModelOptConfigParser
     assert not issubclass(parser.wrapped, ModelOptConfigParser)
+
+
+@pytest.mark.parametrize("key", ["kv_cache_quant_algo", "kv_cache_scheme"])
+def test_an_nvfp4_kv_cache_is_dropped_with_a_warning_and_fp8_kept(key: str, caplog: pytest.LogCaptureFixture) -> None:
+    """vLLM 0.32's CompressedTensorsKVCacheMethod accepts only 8-bit float KV schemes, and derives the
+    cache dtype from the config's algo whatever the method: an NVFP4 one is removed (the cache stays in
+    the model dtype) and said, in both config forms (hf_quant_config.json's key, config.json's)."""
+    from lazyxform_vllm.config_parser import without_unservable_kv_cache
+
+    quant = {"quant_method": "modelopt", "quant_algo": "NVFP4", key: "NVFP4"}
+    with caplog.at_level("WARNING"):
+        kept, dropped = without_unservable_kv_cache(quant, Path("ckpt"))
+    assert (kept, dropped) == ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "NVFP4")
+    assert "has a NVFP4 KV cache, which vLLM's compressed-tensors path cannot run" in caplog.text
+    fp8 = {**quant, key: "FP8"}
+    assert without_unservable_kv_cache(fp8, Path("ckpt")) == (fp8, None)

@@ -42,11 +42,16 @@ KV_FP8 = ("fp8_kv_fp8", "nvfp4_kv_fp8", "qwen3moe_fp8")
 class Case:
     bound: float = 2.0
     wrong_scale: float = 1.25  # one module's weight times this must fall outside the bound
+    # That module: layer 0's down_proj or o_proj, which feed the residual stream directly, unless named.
+    wrong_module: str | None = None
     reference: dict = field(default_factory=dict)  # Reference options: the target's documented function
     runtime_pre_quant_scale: int = 0  # modules whose pre_quant_scale vLLM applies at run time
     # Whether losing that scale moves logprobs past the bound (it does except where noted).
     lost_pre_quant_scale_seen: bool = True
     log_says: str | None = None  # a limit the plugin must name in the log
+    # MoE layers whose experts' gate/up pre_quant_scale vLLM applies (lazyxform_vllm/experts.py), and
+    # how: "one scale" (every expert's the same) or "per expert" (the portable kernel).
+    experts_input_scale: tuple[int, str] | None = None
 
 
 # Prompt log-probabilities are prefill. These cases compare them with the reference's unrounded K and
@@ -63,6 +68,7 @@ PREFILL = {"quantize_kv_cache": False}
 # step), not at 1.25x, which moves these logprobs by about 1.3x the noise.
 W4A4 = Case(bound=1.5, wrong_scale=2.0)
 
+GEMMA_GATE = "model.layers.0.mlp.gate_proj"
 CASES = {
     "fp8": Case(),
     "fp8_2d_blockwise_wo": Case(reference={"activation": "fp8_group128"}),
@@ -98,6 +104,28 @@ CASES = {
     "w4a8_awq": Case(bound=1.5, reference={"activation": "fp8_token"}, runtime_pre_quant_scale=2),
     "w4a8_mxfp4_fp8": Case(reference={"activation": "fp8_token"}),
     "w4a8_nvfp4_fp8": Case(reference={"quantize_activations": False}),
+    "phi3_fp8": Case(),
+    "phi3_int4_awq": Case(runtime_pre_quant_scale=4),  # o_proj, down_proj: a part of a fused module's rows feeds them
+    "phi3_nvfp4": W4A4,
+    # Gemma normalizes the attention's and the MLP's outputs (post_attention_layernorm,
+    # post_feedforward_layernorm) and q/k (q_norm, k_norm): a whole module's weight times a factor is
+    # normalized away everywhere but before the MLP's GELU (measured: down_proj x1.25 moves gemma3_fp8 by
+    # 1.0x the noise). gate_proj's factor goes through the GELU.
+    "gemma3_fp8": Case(wrong_scale=2.0, wrong_module=GEMMA_GATE),  # x1.25 moves it by 1.26x the noise (mean)
+    "gemma3_int4_awq": Case(runtime_pre_quant_scale=2, wrong_module=GEMMA_GATE),
+    # qkv_proj, o_proj, gate_up_proj: no fold into Gemma's (1 + w) norms
+    "gemma3_int8_sq": Case(runtime_pre_quant_scale=6, wrong_module=GEMMA_GATE),
+    # Its bf16 noise is large (a near-tie of the router flips an expert): down_proj x1.25 moves the
+    # mean by 1.9x the noise, inside the bound; x2 is caught.
+    "deepseek_v3_fp8": Case(wrong_scale=2.0),
+    "deepseek_v3_nvfp4": W4A4,
+    "deepseek_v3_int4_awq": Case(runtime_pre_quant_scale=2, experts_input_scale=(1, "per expert")),
+    "qwen3moe_int4_awq": Case(runtime_pre_quant_scale=2, experts_input_scale=(2, "one scale")),
+    "lm_head_fp8": Case(),
+    "lm_head_nvfp4": W4A4,
+    "lm_head_int4_awq": Case(runtime_pre_quant_scale=3),  # lm_head's own and o_proj's
+    "fp8_pb_real": Case(reference={"activation": "fp8_group128"}),
+    "fp8_block_scales_inv": Case(reference={"activation": "fp8_group128"}),
 }
 # vLLM's kernel choice (or whether it can run the piece at all) depends on the instruction set:
 # WNA16 int4 has a vLLM kernel only in the AVX-512 library; an FP8 KV cache needs AVX-512.
@@ -156,6 +184,9 @@ def test_served_by_lazyxform(served: Served) -> None:
         # Forced, or no vLLM kernel for these schemes in the AVX2 library: every quantized linear
         # layer runs the portable kernel.
         assert not any("CompressedTensorsLinearMethod" in k for k in kernels.values()), kernels
+    want = CASES[served.name].experts_input_scale
+    experts = [k.split(" > ")[0] for k in kernels.values() if k.startswith("ExpertsInputScale")]
+    assert experts == ([f"ExpertsInputScale({want[1]})"] * want[0] if want else []), kernels
     if CASES[served.name].log_says:
         assert CASES[served.name].log_says in served.result["log"]
     if served.name in KV_FP8:
@@ -183,7 +214,7 @@ def test_logprobs_match_the_reference(served: Served) -> None:
     # feeds the residual stream directly (a q/k projection can be normalized away, as Qwen3's
     # q_norm/k_norm do).
     wrong = reference(served)
-    name = next(m for m in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj") if m in wrong.algos)
+    name = CASES[served.name].wrong_module or next(m for m in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj") if m in wrong.algos)
     module = wrong.model.get_submodule(name)
     getattr(module, "linear", module).weight.data.mul_(CASES[served.name].wrong_scale)
     blind = (got - logprobs(wrong, ids)).abs()

@@ -6,7 +6,7 @@ tests, which run without vLLM."""
 from __future__ import annotations
 
 import pytest
-from algos import FIXTURE_TABLE, fixtures
+from algos import FIXTURE_TABLE, SERVED, fixtures
 from compressed_tensors.quantization import QuantizationArgs
 from helpers import make_mixed
 from reference import FIXTURES
@@ -48,7 +48,7 @@ def vllm_scheme(fmt: str, w: QuantizationArgs, a: QuantizationArgs | None) -> st
 
 
 # Fixtures whose algo's row predicts vLLM's scheme (the FP8 / INT8 rows leave it to test_vllm_fixtures.py).
-PREDICTED = [f for f in sorted(FIXTURE_TABLE) if FIXTURE_TABLE[f].target.vllm_scheme]
+PREDICTED = [f for f in SERVED if FIXTURE_TABLE[f].target.vllm_scheme]
 
 
 @pytest.mark.parametrize("fixture", PREDICTED)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from compressed_tensors.quantization import QuantizationStrategy
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
@@ -197,7 +198,10 @@ MOE_SCALE_KIND = {
 class PortableMoEMethod(FusedMoEMethodBase):
     """Compressed-tensors experts computed in PyTorch: gate/up (w13) and down (w2) of each expert
     decoded as the Linear above; each token's experts run with the scheme's input quantizer before
-    both projections, SiLU(gate) * up between them, weighted by the router."""
+    both projections, SiLU(gate) * up between them, weighted by the router. An expert's own gate/up
+    pre_quant_scale, where experts.py leaves one per expert, multiplies its tokens first."""
+
+    scales_each_experts_input = True  # read by experts.ExpertsInputScale
 
     def __init__(self, scheme: Scheme, moe: Any) -> None:
         super().__init__(moe)
@@ -253,15 +257,20 @@ class PortableMoEMethod(FusedMoEMethodBase):
         shared_experts_input: torch.Tensor | None,
     ) -> torch.Tensor:
         if shared_experts is not None:
-            raise NotImplementedError("lazyxform's portable fused-MoE kernel does not run shared experts")
+            # As vLLM's modular kernels do: the call runs them only when the runner left them to
+            # the kernel (it ran them itself otherwise), into their own output.
+            shared_experts(shared_experts_input, SharedExpertsOrder.MK_INTERNAL_OVERLAPPED)
         activation = getattr(self.moe.activation, "value", self.moe.activation)
         if activation != "silu":
             raise NotImplementedError(f"lazyxform's portable fused-MoE kernel runs SiLU experts, not {activation}")
         hidden = x.float()
         out = torch.zeros_like(hidden)
+        # Experts' own gate/up pre_quant_scale, where they differ (experts.py); absent otherwise.
+        pre_quant_scale = getattr(layer, "w13_pre_quant_scale", None)
         for e in topk_ids.unique().tolist():
             token, slot = torch.where(topk_ids == e)
-            gate_up = F.linear(quantize_input(self.scheme, hidden[token], layer.portable_w13_input_scales[e]), layer.w13_weight[e])
+            x_e = hidden[token] if pre_quant_scale is None else hidden[token] * pre_quant_scale[e].float()
+            gate_up = F.linear(quantize_input(self.scheme, x_e, layer.portable_w13_input_scales[e]), layer.w13_weight[e])
             gate, up = gate_up.chunk(2, dim=-1)
             down_in = quantize_input(self.scheme, F.silu(gate) * up, layer.portable_w2_input_scales[e])
             y = F.linear(down_in, layer.w2_weight[e])

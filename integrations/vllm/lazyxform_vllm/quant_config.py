@@ -14,11 +14,13 @@ from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.platforms import current_platform
 
 import lazyxform
 
 from .config_parser import MARK
+from .experts import scale_experts_input
 from .linear import PreQuantScaleLinearMethod
 
 if TYPE_CHECKING:
@@ -84,7 +86,10 @@ class LazyxformConfig(CompressedTensorsConfig):
         self.runtime_pre_quant_scale = frozenset(hf_to_vllm_mapper.apply_list(sorted(self.runtime_pre_quant_scale)))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        if isinstance(layer, LinearBase):
+        # A quantized lm_head is a Linear to the compressed-tensors methods (vLLM's own config gives
+        # its ParallelLMHead CompressedTensorsLinearMethod); ModelOpt never folds its AWQ scale into
+        # the final norm, so it may keep one for run time too.
+        if isinstance(layer, (LinearBase, ParallelLMHead)):
             method = self._cpu_portable_method(layer, prefix) or super().get_quant_method(layer, prefix)
             members = self._checkpoint_modules(prefix)
             scaled = [m for m in members if m in self.runtime_pre_quant_scale]
@@ -97,22 +102,19 @@ class LazyxformConfig(CompressedTensorsConfig):
                 )
             return PreQuantScaleLinearMethod(method)
         if isinstance(layer, RoutedExperts):
-            if any(n.startswith(prefix + ".") for n in self.runtime_pre_quant_scale):
-                raise lazyxform.UnsupportedAlgoError(
-                    f"{prefix}: experts with a pre_quant_scale that lazyxform could not fold are not supported in "
-                    "vLLM (the fused-MoE kernels take no per-expert input scale)"
-                )
-            return self._cpu_portable_method(layer, prefix) or super().get_quant_method(layer, prefix)
+            method = self._cpu_portable_method(layer, prefix) or super().get_quant_method(layer, prefix)
+            scaled = sorted(n for n in self.runtime_pre_quant_scale if n.startswith(prefix + "."))
+            return scale_experts_input(method, layer, scaled) if scaled else method
         return super().get_quant_method(layer, prefix)
 
-    def _cpu_portable_method(self, layer: LinearBase | RoutedExperts, prefix: str) -> QuantizeMethodBase | None:
+    def _cpu_portable_method(self, layer: LinearBase | ParallelLMHead | RoutedExperts, prefix: str) -> QuantizeMethodBase | None:
         """lazyxform's portable method for a quantized layer that vLLM cannot compute exactly on this
         CPU (portable.py), else None. Never on a GPU, where portable.py is not even imported."""
         if not current_platform.is_cpu():
             return None
         from . import portable
 
-        if isinstance(layer, LinearBase):
+        if not isinstance(layer, RoutedExperts):
             scheme = portable.Scheme.of(self.get_scheme_dict(layer, prefix))
             return portable.PortableLinearMethod(scheme) if portable.wants_portable(scheme) else None
         # The experts' config group is their first gate projection's, found as vLLM's
