@@ -97,6 +97,22 @@ ALGOS: dict[str, Algo] = {
                            frozenset({"weight_packed", "weight_scale"}), "uint8", stored="codes", vllm_scheme="W4A8Mxfp4"),
 }  # fmt: skip
 
+# SGLang 0.5.23's compressed-tensors linear scheme for each algo's layers on (SM 9.0, SM 10.0)
+# (CompressedTensorsConfig._get_scheme_from_parts). SM 9.0 has no FP4 GEMM: SGLang serves NVFP4 W4A4
+# weight-only there (FP4 Marlin). None: SGLang has no such linear scheme (lazyxform refuses the
+# layer by name); "dense": no compressed-tensors equivalent, dequantized by lazyxform.
+_W8A8FP8 = ("CompressedTensorsW8A8Fp8",) * 2
+_W4A16FP4 = ("CompressedTensorsW4A16Fp4",) * 2
+SGLANG_SCHEME: dict[str, tuple[str | None, str | None]] = {
+    **dict.fromkeys(("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "FP8_PB_REAL"), _W8A8FP8),
+    **dict.fromkeys(("W4A16_AWQ", "W8A16"), ("CompressedTensorsWNA16",) * 2),
+    "W8A8_SQ_PER_CHANNEL": ("CompressedTensorsW8A8Int8",) * 2,
+    **dict.fromkeys(("NVFP4", "NVFP4_AWQ"), ("CompressedTensorsW4A16Fp4", "CompressedTensorsW4A4Fp4")),
+    **dict.fromkeys(("W4A16_NVFP4", "W4A8_NVFP4_FP8"), _W4A16FP4),
+    **dict.fromkeys(("MXFP4", "MXFP8", "W4A8_AWQ", "W4A8_MXFP4_FP8"), (None, None)),
+    "NVFP4_SVD": ("dense", "dense"),
+}
+
 # Other names of an algo in ALGOS (same recipe, same output): the tests stream the canonical algo's
 # fixture with the alias written into a copy of its config (and fp8_block_scales_inv is one).
 ALIASES: dict[str, str] = {"FP8_BLOCK_SCALES": "FP8_PB_WO"}

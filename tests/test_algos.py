@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from algos import ALGOS, ALIASES, FIXTURE_DIR, FIXTURE_TABLE, REFUSED
+from algos import ALGOS, ALIASES, FIXTURE_DIR, FIXTURE_TABLE, REFUSED, SGLANG_SCHEME
 from reference import hf_quant_algo
 
 import lazyxform
@@ -20,6 +20,10 @@ def test_every_registered_algo_has_a_row():
     assert not missing, f"recipe algos with no row in tests/algos.py ALGOS (or ALIASES): {missing}"
     stale = sorted((set(ALGOS) | set(ALIASES)) - set(RECIPES))
     assert not stale, f"rows of tests/algos.py for algos no recipe registers: {stale}"
+
+
+def test_every_algo_has_its_sglang_scheme():
+    assert sorted(SGLANG_SCHEME) == sorted(ALGOS)
 
 
 def test_an_alias_is_handled_by_its_algos_recipe():

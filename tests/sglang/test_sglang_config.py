@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import sglang
 import torch
+from algos import ALIASES, FIXTURE_TABLE, SERVED, SGLANG_SCHEME
 from reference import FIXTURES, load_tensors, quantized_modules
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.layers.linear import LinearBase
@@ -29,22 +30,11 @@ from lazyxform_sglang.config import MARK
 from lazyxform_sglang.routing import native_algos
 from lazyxform_sglang.schemes import PortableScheme, PreQuantScaleScheme
 
-FIXTURE_NAMES = sorted(p.name for p in FIXTURES.iterdir())
+# SGLang's Llama and Qwen3-MoE models: the layer names below are theirs. Phi-3, Gemma 3 and DeepSeek
+# fixtures are not run on SGLang here (docs/sglang.md).
+FIXTURE_NAMES = [f for f in SERVED if FIXTURE_TABLE[f].model_type in ("llama", "qwen3_moe")]
 LLAMA_LAYERS = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
 QWEN3MOE_LAYERS = ["self_attn.qkv_proj", "self_attn.o_proj"]
-NVFP4_W4A4 = ("nvfp4", "nvfp4_awq_clip", "nvfp4_awq_lite", "nvfp4_kv_fp8", "nvfp4_kv_nvfp4", "nvfp4_mlp_only")
-# SGLang 0.5.23's compressed-tensors linear scheme for each fixture's quantized layers, on SM 9.0 and
-# SM 10.0 (CompressedTensorsConfig._get_scheme_from_parts). SM 9.0 has no FP4 GEMM: SGLang serves
-# NVFP4 W4A4 weight-only there (FP4 Marlin) and logs it. None: SGLang has no such linear scheme.
-SCHEME = {
-    **dict.fromkeys(("fp8", "fp8_2d_blockwise_wo", "fp8_kv_fp8", "fp8_pc_pt", "qwen3moe_fp8"), ("CompressedTensorsW8A8Fp8",) * 2),
-    **dict.fromkeys(("int4_awq", "int4_blockwise_wo", "int8_wo"), ("CompressedTensorsWNA16",) * 2),
-    **dict.fromkeys(("int8_default", "int8_sq"), ("CompressedTensorsW8A8Int8",) * 2),
-    **dict.fromkeys(NVFP4_W4A4, ("CompressedTensorsW4A16Fp4", "CompressedTensorsW4A4Fp4")),
-    **dict.fromkeys(("w4a16_nvfp4", "w4a8_nvfp4_fp8"), ("CompressedTensorsW4A16Fp4",) * 2),
-    **dict.fromkeys(("mxfp4", "mxfp8", "w4a8_awq", "w4a8_mxfp4_fp8"), (None, None)),
-    "nvfp4_svdquant": ("dense", "dense"),  # no compressed-tensors equivalent: dequantized by lazyxform
-}
 SM = {"SM 9.0": (9, 0), "SM 10.0": (10, 0)}
 LLAMA_FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}  # llama.py's stacked_params_mapping
 
@@ -160,8 +150,9 @@ def test_every_layer_gets_sglangs_gpu_scheme(name: str, sm: str, monkeypatch) ->
     config = lazyxform_config(path)
     quantized = set(quantized_modules(load_tensors(path)))
     runtime = set(lazyxform.open(path, device="cpu").plan.runtime_pre_quant_scale)
-    expected = SCHEME[name][list(SM).index(sm)]
-    for layer_name in QWEN3MOE_LAYERS if name == "qwen3moe_fp8" else LLAMA_LAYERS:
+    algo = FIXTURE_TABLE[name].algo
+    expected = SGLANG_SCHEME[ALIASES.get(algo, algo)][list(SM).index(sm)]
+    for layer_name in QWEN3MOE_LAYERS if FIXTURE_TABLE[name].moe else LLAMA_LAYERS:
         members = checkpoint_members(name, layer_name)
         prefix = f"model.layers.0.{layer_name}"
         layer = stand_in(LinearBase)
