@@ -3,7 +3,7 @@
 quantization_config, hf_quant_config.json, generation_config.json and the weights as HF-style
 shards (at most --shard-gb each, model.safetensors.index.json; a lone shard is model.safetensors).
 At the bundled fixtures' tiny shape it reproduces tests/fixtures/modelopt/{int4_awq,nvfp4,fp8}:
-the same configs, tensor names, dtypes, shapes and byte layout (tests/test_reader_synthetic.py).
+the same configs, tensor names, dtypes, shapes and byte layout (tests/benchmarks/test_make_checkpoint.py).
 
     python benchmarks/make_checkpoint.py --format int4_awq --out benchmarks/data/int4_awq   # Llama-3-8B
     python benchmarks/make_checkpoint.py --format nvfp4 --out /tmp/small --layers 2 --vocab 1024
