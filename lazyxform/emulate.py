@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 
 from .recipes.base import describe_args
@@ -156,6 +157,29 @@ def decode(scheme: Scheme, tensors: dict[str, torch.Tensor], out_sizes: list[int
     """One layer's (or expert's) compressed-tensors tensors -> (float32 weight, its input scales)."""
     scales = {n: tensors[n].float() for n in ("input_scale", "input_global_scale") if n in tensors}
     return decode_weight(scheme, tensors, out_sizes), scales
+
+
+def take(layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named parameters' data, dropped from the layer (the decoded weight replaces them)."""
+    tensors = {n: getattr(layer, n).data for n in names}
+    for n in names:
+        delattr(layer, n)
+    return tensors
+
+
+def decode_layer(scheme: Scheme, layer: torch.nn.Module) -> None:
+    """After loading: the layer's compressed-tensors parameters (`portable_parameters`, of fused shards
+    `portable_out_sizes`) replaced by the float32 `weight`, its input scales kept for `linear`."""
+    weight, layer.portable_input_scales = decode(scheme, take(layer, layer.portable_parameters), layer.portable_out_sizes)
+    layer.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
+
+
+def linear(scheme: Scheme, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = quantize_input(x) @ W^T (+ bias) in float32, rounded once to x's dtype."""
+    y = F.linear(quantize_input(scheme, x.float(), layer.portable_input_scales), layer.weight)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 # --- activations: the scheme's input quantizer, fake-quantized in float32 ----------------------------

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from sglang.srt.layers.parameter import (
     BasevLLMParameter,
     BlockQuantScaleParameter,
@@ -32,7 +31,7 @@ from sglang.srt.layers.parameter import (
 from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsLinearScheme
 
 from lazyxform import InconsistentScalesError, MissingTensorError
-from lazyxform.emulate import Scheme, decode, layout, quantize_input
+from lazyxform.emulate import Scheme, decode_layer, layout, linear
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +113,7 @@ class PortableScheme(CompressedTensorsLinearScheme):
         layer.portable_out_sizes = list(output_partition_sizes)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        tensors = {n: getattr(layer, n).data for n in layer.portable_parameters}
-        for n in layer.portable_parameters:
-            delattr(layer, n)
-        weight, layer.portable_input_scales = decode(self.scheme, tensors, layer.portable_out_sizes)
-        layer.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
+        decode_layer(self.scheme, layer)
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = F.linear(quantize_input(self.scheme, x.float(), layer.portable_input_scales), layer.weight)
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype)
+        return linear(self.scheme, layer, x, bias)

@@ -47,7 +47,7 @@ from vllm.model_executor.parameter import (
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from lazyxform.emulate import Scheme, decode, layout, quantize_input
+from lazyxform.emulate import Scheme, decode, decode_layer, layout, linear, quantize_input, take
 
 logger: logging.Logger = init_logger(f"vllm.{__name__}")
 
@@ -139,14 +139,6 @@ def linear_parameters(
 # --- the methods vLLM calls ------------------------------------------------------------------------
 
 
-def take(layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """The named parameters' data, dropped from the layer (the decoded weight replaces them)."""
-    tensors = {n: getattr(layer, n).data for n in names}
-    for n in names:
-        delattr(layer, n)
-    return tensors
-
-
 # The layer hands vLLM-parameter loaders to the method only when the method's class is registered
 # as supporting them (linear.py, WEIGHT_LOADER_V2_SUPPORTED).
 @register_weight_loader_v2_supported_method
@@ -176,14 +168,10 @@ class PortableLinearMethod(LinearMethodBase):
         layer.portable_out_sizes = list(output_partition_sizes)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        weight, layer.portable_input_scales = decode(self.scheme, take(layer, layer.portable_parameters), layer.portable_out_sizes)
-        layer.register_parameter("weight", torch.nn.Parameter(weight, requires_grad=False))
+        decode_layer(self.scheme, layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = F.linear(quantize_input(self.scheme, x.float(), layer.portable_input_scales), layer.weight)
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype)
+        return linear(self.scheme, layer, x, bias)
 
 
 # FusedMoE's weight loader picks how to load a scale by this attribute (FusedMoeWeightScaleSupported).
