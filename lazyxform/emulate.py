@@ -11,6 +11,7 @@ them) before a float32 GEMM. Nothing here knows an engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -165,6 +166,24 @@ def take(layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     for n in names:
         delattr(layer, n)
     return tensors
+
+
+def register_layout(
+    layer: torch.nn.Module,
+    scheme: Scheme,
+    out_sizes: list[int],
+    in_size: int,
+    params_dtype: torch.dtype,
+    parameter: Callable[[str, torch.Tensor, dict[str, Any]], torch.nn.Parameter],
+) -> None:
+    """Register a (possibly fused) layer's compressed-tensors tensors (`layout`), each made by the
+    engine's `parameter(kind, data, args)` so that its loaders fill them, and note what
+    `decode_layer` reads after loading."""
+    params = layout(scheme, out_sizes, in_size, params_dtype)
+    for name, (kind, data, args) in params.items():
+        layer.register_parameter(name, parameter(kind, data, args))
+    layer.portable_parameters = list(params)
+    layer.portable_out_sizes = list(out_sizes)
 
 
 def decode_layer(scheme: Scheme, layer: torch.nn.Module) -> None:

@@ -31,7 +31,7 @@ from sglang.srt.layers.parameter import (
 from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsLinearScheme
 
 from lazyxform import InconsistentScalesError, MissingTensorError
-from lazyxform.emulate import Scheme, decode_layer, layout, linear
+from lazyxform.emulate import Scheme, decode_layer, linear, register_layout
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +106,10 @@ class PortableScheme(CompressedTensorsLinearScheme):
         if str(self.scheme) not in ANNOUNCED:  # one line per scheme and process
             ANNOUNCED.add(str(self.scheme))
             logger.info("lazyxform: SGLang has no CPU kernel for %s linear layers; lazyxform's portable PyTorch kernel runs them", self.scheme)
-        params = layout(self.scheme, output_partition_sizes, input_size_per_partition, params_dtype)
-        for name, (kind, data, args) in params.items():
-            layer.register_parameter(name, PARAMETER_CLASS[kind](data=data, weight_loader=weight_loader, **args))
-        layer.portable_parameters = list(params)
-        layer.portable_out_sizes = list(output_partition_sizes)
+        register_layout(
+            layer, self.scheme, output_partition_sizes, input_size_per_partition, params_dtype,
+            lambda kind, data, args: PARAMETER_CLASS[kind](data=data, weight_loader=weight_loader, **args),
+        )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         decode_layer(self.scheme, layer)

@@ -47,7 +47,7 @@ from vllm.model_executor.parameter import (
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from lazyxform.emulate import Scheme, decode, decode_layer, layout, linear, quantize_input, take
+from lazyxform.emulate import Scheme, decode, decode_layer, layout, linear, quantize_input, register_layout, take
 
 logger: logging.Logger = init_logger(f"vllm.{__name__}")
 
@@ -161,11 +161,11 @@ class PortableLinearMethod(LinearMethodBase):
         announce("linear", self.scheme)
         if self.scheme.weights.strategy == QuantizationStrategy.BLOCK:
             layer.weight_block_size = self.scheme.weights.block_structure  # read by vLLM's fused-shard loaders
-        params = linear_parameters(self.scheme, output_partition_sizes, input_size_per_partition, params_dtype)
-        for name, (cls, data, args) in params.items():
-            layer.register_parameter(name, cls(data=data, weight_loader=extra_weight_attrs["weight_loader"], **args))
-        layer.portable_parameters = list(params)
-        layer.portable_out_sizes = list(output_partition_sizes)
+        loader = extra_weight_attrs["weight_loader"]
+        register_layout(
+            layer, self.scheme, output_partition_sizes, input_size_per_partition, params_dtype,
+            lambda kind, data, args: PARAMETER_CLASS[kind](data=data, weight_loader=loader, **args),
+        )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         decode_layer(self.scheme, layer)
