@@ -30,6 +30,24 @@ def rewrite_tensors(ckpt: Path, edit) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(ckpt / "model.safetensors"))
 
 
+def poisoned(tmp_path: Path, fixture: str, name: str, edit) -> Path:
+    """A copy of the fixture with tensor `name` replaced by edit(tensor)."""
+    ckpt = copy_fixture(fixture, tmp_path)
+    rewrite_tensors(ckpt, lambda t: t.update({name: edit(t[name])}))
+    return ckpt
+
+
+def set_at(index: tuple[int, int], value: float):
+    """An edit for `poisoned`: one value of the tensor changed."""
+
+    def edit(s: torch.Tensor) -> torch.Tensor:
+        s = s.clone()
+        s[index] = value
+        return s
+
+    return edit
+
+
 def edit_json(path: Path, edit) -> None:
     data = json.loads(path.read_text())
     edit(data)

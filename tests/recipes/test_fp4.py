@@ -5,30 +5,13 @@ tests/test_exactness.py; the E2M1 and reciprocal transforms: tests/ops/test_fp4.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from algos import ALGOS, FIXTURE_TABLE, fixtures
-from helpers import copy_fixture, edit_json, rewrite_tensors
+from helpers import copy_fixture, edit_json, poisoned, set_at
 from reference import FIXTURES, load_tensors, modelopt_weight, quantized_modules
 
 import lazyxform
-
-
-def poisoned(tmp_path: Path, fixture: str, name: str, edit) -> Path:
-    ckpt = copy_fixture(fixture, tmp_path)
-    rewrite_tensors(ckpt, lambda t: t.update({name: edit(t[name])}))
-    return ckpt
-
-
-def set_at(index: tuple[int, int], value: float):
-    def edit(s: torch.Tensor) -> torch.Tensor:
-        s = s.clone()
-        s[index] = value
-        return s
-
-    return edit
 
 
 def test_nvfp4_block_size_that_is_not_a_multiple_of_16(tmp_path):

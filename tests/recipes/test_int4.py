@@ -4,20 +4,12 @@ tests/test_exactness.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import copy_fixture, edit_json, rewrite_tensors
+from helpers import copy_fixture, edit_json, poisoned
 from reference import FIXTURES
 
 import lazyxform
-
-
-def poisoned(tmp_path: Path, fixture: str, name: str, edit) -> Path:
-    ckpt = copy_fixture(fixture, tmp_path)
-    rewrite_tensors(ckpt, lambda t: t.update({name: edit(t[name])}))
-    return ckpt
 
 
 def test_int4_group_scale_of_the_wrong_shape(tmp_path):

@@ -3,28 +3,11 @@ fixture: tests/test_exactness.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import copy_fixture, rewrite_tensors
+from helpers import poisoned, set_at
 
 import lazyxform
-
-
-def poisoned(tmp_path: Path, fixture: str, name: str, edit) -> Path:
-    ckpt = copy_fixture(fixture, tmp_path)
-    rewrite_tensors(ckpt, lambda t: t.update({name: edit(t[name])}))
-    return ckpt
-
-
-def set_at(index: tuple[int, int], value: float):
-    def edit(s: torch.Tensor) -> torch.Tensor:
-        s = s.clone()
-        s[index] = value
-        return s
-
-    return edit
 
 
 def test_e8m0_nan_scale(tmp_path):
