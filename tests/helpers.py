@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,23 @@ def rewrite_tensors(ckpt: Path, edit) -> None:
     tensors = load_tensors(ckpt)
     edit(tensors)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(ckpt / "model.safetensors"))
+
+
+def servable_copies(root: Path) -> Callable[[str], Path]:
+    """name -> a copy under `root` of a bundled fixture plus the tiny tokenizer an engine loads, made
+    once per name (files are copied: lazyxform refuses files that resolve outside the checkpoint
+    directory, as a symlink would)."""
+    from tiny_tokenizer import write_tokenizer  # tests/vllm, on sys.path in both engines' suites
+
+    made: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            made[name] = copy_fixture(name, root)
+            write_tokenizer(made[name])
+        return made[name]
+
+    return make
 
 
 def poisoned(tmp_path: Path, fixture: str, name: str, edit) -> Path:

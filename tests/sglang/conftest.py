@@ -35,14 +35,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory):
     """checkpoint(name): a servable copy of a bundled fixture (with the tiny tokenizer), made once per session."""
-    from sglang_support import copy_fixture
+    from helpers import servable_copies
 
-    root = tmp_path_factory.mktemp("fixtures")
-    made: dict[str, Path] = {}
-
-    def make(name: str) -> Path:
-        if name not in made:
-            made[name] = copy_fixture(name, root)
-        return made[name]
-
-    return make
+    return servable_copies(tmp_path_factory.mktemp("fixtures"))

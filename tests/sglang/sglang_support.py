@@ -8,9 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import helpers
 import torch
-from tiny_tokenizer import write_tokenizer
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -23,14 +21,6 @@ VOCAB = 1024  # every bundled fixture's vocab_size
 ROUTE_ENV = "LAZYXFORM_SGLANG_ROUTE"  # what lazyxform_sglang reads; spelled out so a rename breaks the tests
 WORKER = Path(__file__).parent / "engine_worker.py"
 WORKER_TIMEOUT_S = 600
-
-
-def copy_fixture(name: str, root: Path) -> Path:
-    """A copy of a bundled fixture plus the tiny tokenizer (copied files: lazyxform refuses symlinks
-    that resolve outside the checkpoint directory)."""
-    out = helpers.copy_fixture(name, root)
-    write_tokenizer(out)
-    return out
 
 
 def prompt_ids(model: Path) -> list[list[int]]:

@@ -14,18 +14,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
-from vllm_support import copy_fixture  # noqa: E402
+from helpers import servable_copies  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """checkpoint(name): a servable copy of a bundled fixture, made once per session."""
-    root = tmp_path_factory.mktemp("fixtures")
-    made: dict[str, Path] = {}
-
-    def make(name: str) -> Path:
-        if name not in made:
-            made[name] = copy_fixture(name, root)
-        return made[name]
-
-    return make
+    return servable_copies(tmp_path_factory.mktemp("fixtures"))

@@ -12,12 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import helpers
 import torch
 from modelopt_reference import Reference, dequantize, module_algos
 from reference import load_tensors, quantized_modules
 from safetensors.torch import save_file
-from tiny_tokenizer import write_tokenizer
 from vllm import LLM, SamplingParams
 
 ROUTE_ENV = "LAZYXFORM_VLLM_ROUTE"  # what lazyxform_vllm reads; spelled out so a rename breaks the tests
@@ -28,14 +26,6 @@ PROMPTS = [
     "Pack my box with five dozen liquor jugs; sphinx of black quartz, judge my vow.",
 ]
 VOCAB = 1024  # every bundled fixture's vocab_size
-
-
-def copy_fixture(name: str, root: Path) -> Path:
-    """A copy of a bundled fixture plus a tokenizer (files are copied: lazyxform refuses files that
-    resolve outside the checkpoint directory, as a symlink would)."""
-    out = helpers.copy_fixture(name, root)
-    write_tokenizer(out)
-    return out
 
 
 def drop_flat_quantization_config(ckpt: Path) -> None:
