@@ -17,7 +17,8 @@ the fixtures vLLM loads natively, compared bit for bit with `all`; a few `all` r
 reader (LAZYXFORM_VLLM_READER=off), compared bit for bit with lazyxform's reader; and MoE runs with
 vLLM's default MoE backend as probes with a short timeout (on an H200 it is FlashInfer's CUTLASS
 MoE, compiled at first use when no prebuilt FlashInfer kernels are installed), next to the main
-MoE runs on the Triton backend.
+MoE runs on the Triton backend; and, with `--tp2 NAME...`, those fixtures at tensor parallel size 2,
+compared with their TP=1 run: the same greedy tokens, and logprobs within the reference's bf16 noise.
 """
 
 from __future__ import annotations
@@ -66,13 +67,17 @@ MOE_TRITON = {"moe_backend": "triton"}
 #   then models (modelopt_reference.cutlass_w4a8_weight).
 WEIGHT_ONLY = {"quantize_activations": False}
 H200_CASES: dict[str, tuple[dict[str, Any], float]] = {
-    **dict.fromkeys(["nvfp4", "nvfp4_awq_clip", "nvfp4_awq_lite", "nvfp4_mlp_only", "mxfp4", "w4a8_mxfp4_fp8"], (WEIGHT_ONLY, 2.0)),
+    **dict.fromkeys(
+        ["nvfp4", "nvfp4_awq_clip", "nvfp4_awq_lite", "nvfp4_mlp_only", "mxfp4", "w4a8_mxfp4_fp8", "phi3_nvfp4", "deepseek_v3_nvfp4", "lm_head_nvfp4"],
+        (WEIGHT_ONLY, 2.0),
+    ),
     "fp8_kv_fp8": ({}, 2.0),
     "qwen3moe_fp8": ({}, 2.0),
     "nvfp4_kv_fp8": (WEIGHT_ONLY, 2.0),
     "nvfp4_kv_nvfp4": ({**WEIGHT_ONLY, "quantize_kv_cache": False}, 2.0),  # served with a bf16 KV cache
     "w4a8_awq": ({"activation": "fp8_token", "cutlass_w4a8": True}, 1.5),
 }
+GREEDY_TOKENS = 16
 READER_CHECKED = ("fp8", "int4_awq", "nvfp4", "w4a8_awq", "qwen3moe_fp8")
 # vLLM's kernel and backend choices, lazyxform's lines, errors.
 LOG_LINE = re.compile(r"Using |Selected |lazyxform|Error|[Bb]ackend")
@@ -106,9 +111,9 @@ def is_moe(fixture: Path) -> bool:
     return bool(config.get("num_experts") or config.get("num_local_experts"))
 
 
-def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float) -> list[Run]:
+def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float, tp2: list[str]) -> list[Run]:
     native = native_fixtures(fixtures, names)
-    runs = []
+    runs = [Run(n, "all", "tp2", {**(MOE_TRITON if is_moe(fixtures / n) else {}), "tensor_parallel_size": 2}, timeout_s=timeout_s) for n in tp2]
     for n in names:
         moe = is_moe(fixtures / n)
         llm = MOE_TRITON if moe else {}
@@ -122,10 +127,10 @@ def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float
     return sorted(runs, key=lambda r: r.tag == "default-moe")
 
 
-def serve(out: Path, fixtures: Path, names: list[str], jobs: int, timeout_s: float, probe_s: float) -> list[dict]:
+def serve(out: Path, fixtures: Path, names: list[str], jobs: int, timeout_s: float, probe_s: float, tp2: list[str]) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "env.json").write_text(json.dumps(environment(), indent=2))
-    pending = plan_runs(fixtures, names, timeout_s, probe_s)
+    pending = plan_runs(fixtures, names, timeout_s, probe_s, tp2)
     running: list[tuple[Run, subprocess.Popen, float]] = []
     done: list[dict] = []
     # Workers run in sessions of their own (so that a kill takes their compilers too): stopped, this
@@ -258,19 +263,21 @@ def worker(request_path: Path, result_path: Path) -> None:
     sys.path[:0] = [str(p) for p in TESTS]
     began = time.perf_counter()
     import torch
-    from vllm import LLM
-    from vllm_support import LLM_DEFAULTS, prompt_logprobs
+    from vllm import LLM, SamplingParams
+    from vllm_support import LLM_DEFAULTS, PROMPTS, prompt_logprobs
 
     imported = time.perf_counter()
     gpu = GPU_ARGS if torch.cuda.is_available() else {}
     llm = LLM(model=request["model"], **{**LLM_DEFAULTS, **gpu, **request["llm"]})
     ready = time.perf_counter()
     ids, logprobs = prompt_logprobs(llm)
+    greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0), use_tqdm=False)
     config = llm.llm_engine.vllm_config
     torch.save(
         {
             "ids": ids,
             "logprobs": logprobs,
+            "tokens": [list(o.outputs[0].token_ids) for o in greedy],
             "quantization": config.model_config.quantization,
             "kv_cache_dtype": config.cache_config.cache_dtype,
             "kernels": kernels_or_error(llm),
@@ -351,6 +358,10 @@ def compare(out: Path, fixtures: Path) -> list[dict]:
             row["twin"] = twin
             row["identical"] = bool(torch.equal(a, b))
             row["twin_max_diff"] = float((a - b).abs().max())
+            row["twin_same_tokens"] = results[row["name"]]["tokens"] == results[twin]["tokens"]
+            if row["tag"] == "tp2" and "noise_max" in row:  # TP=2 against TP=1: within the reference's bf16 noise
+                diff = (a - b).abs()
+                row["twin_within_noise"] = float(diff.max()) <= row["noise_max"] and float(diff.mean()) <= row["noise_mean"]
         elif twin in by_name:
             row["twin"] = twin
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
@@ -360,7 +371,9 @@ def compare(out: Path, fixtures: Path) -> list[dict]:
 
 def twin_of(row: dict) -> str:
     """The run whose logprobs this one must equal bit for bit: a native run's lazyxform twin, a
-    vLLM-reader run's lazyxform-reader twin."""
+    vLLM-reader run's lazyxform-reader twin; a TP=2 run is compared with its TP=1 run (not bit for bit)."""
+    if row["tag"] == "tp2":
+        return row["name"].replace("-tp2", "", 1)
     if row["route"] == "off":
         return row["name"].replace("-off", "-all", 1)
     if row["tag"].startswith("vllm-reader"):
@@ -405,6 +418,9 @@ def table(rows: list[dict]) -> str:
         ident = "n.a."
         if "identical" in r:
             ident = f"{r['twin']}: " + ("yes" if r["identical"] else f"no (max {r['twin_max_diff']:.3g})")
+            ident += ", same greedy tokens" if r["twin_same_tokens"] else ", OTHER greedy tokens"
+            if "twin_within_noise" in r:
+                ident += ", within 1x noise" if r["twin_within_noise"] else ", NOT within 1x noise"
         cpu = r.get("cpu_case")
         cpu_cell = f"{cpu['max']:.4f} / {cpu['mean']:.5f} ({cpu['max'] / cpu['noise_max']:.2f}x / {cpu['mean'] / cpu['noise_mean']:.2f}x)" if cpu else ""
         lines.append(
@@ -425,6 +441,7 @@ def main() -> None:
     s.add_argument("--jobs", type=int, default=6, help="engines at once")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     s.add_argument("--probe-timeout", type=float, default=100.0, help="seconds per default-MoE-backend probe")
+    s.add_argument("--tp2", nargs="*", default=[], help="fixtures also served at tensor parallel size 2 (two GPUs)")
     c = sub.add_parser("compare", help="anywhere: deviation from the reference, bounds, bit-for-bit twins")
     c.add_argument("out", type=Path)
     c.add_argument("--fixtures", type=Path, default=FIXTURES)
@@ -434,7 +451,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "serve":
         names = args.only or sorted(p.name for p in args.fixtures.iterdir() if (p / "config.json").exists())
-        serve(args.out, args.fixtures.resolve(), names, args.jobs, args.timeout, args.probe_timeout)
+        serve(args.out, args.fixtures.resolve(), names, args.jobs, args.timeout, args.probe_timeout, args.tp2)
     elif args.command == "compare":
         print(table(compare(args.out, args.fixtures.resolve())))
     else:
