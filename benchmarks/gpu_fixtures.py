@@ -54,6 +54,8 @@ WORKER_ENV = {
     "OMP_NUM_THREADS": "2",  # engines run side by side
     "PYTHONUNBUFFERED": "1",
 }
+# FP8 MoE on vLLM's Triton backend (its default, FlashInfer's CUTLASS MoE, compiles for minutes); vLLM
+# 0.26 has no Triton backend for WNA16 MoE ("Expected one of ['marlin', ...]"), which keeps its default.
 MOE_TRITON = {"moe_backend": "triton"}
 # Where vLLM 0.26 on an H200 (compute capability 9.0) computes another function than the one
 # tests/vllm/test_vllm_fixtures.py's CASES check on a CPU, in its own ModelOpt path and in
@@ -111,17 +113,24 @@ def is_moe(fixture: Path) -> bool:
     return bool(config.get("num_experts") or config.get("num_local_experts"))
 
 
+def moe_options(fixture: Path) -> dict[str, Any]:
+    """The MoE backend of a fixture's main runs (MOE_TRITON)."""
+    import lazyxform
+
+    fp8 = all(algo.startswith("FP8") for algo in lazyxform.read_modelopt_algos(fixture))
+    return MOE_TRITON if is_moe(fixture) and fp8 else {}
+
+
 def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float, tp2: list[str]) -> list[Run]:
     native = native_fixtures(fixtures, names)
-    runs = [Run(n, "all", "tp2", {**(MOE_TRITON if is_moe(fixtures / n) else {}), "tensor_parallel_size": 2}, timeout_s=timeout_s) for n in tp2]
+    runs = [Run(n, "all", "tp2", {**moe_options(fixtures / n), "tensor_parallel_size": 2}, timeout_s=timeout_s) for n in tp2]
     for n in names:
-        moe = is_moe(fixtures / n)
-        llm = MOE_TRITON if moe else {}
+        llm = moe_options(fixtures / n)
         routes = ["all", "off"] if n in native else ["all"]
-        runs += [Run(n, r, "triton-moe" if moe else "", llm, timeout_s=timeout_s) for r in routes]
+        runs += [Run(n, r, "triton-moe" if llm else "", llm, timeout_s=timeout_s) for r in routes]
         if n in READER_CHECKED:
-            runs.append(Run(n, "all", "vllm-reader" + ("-triton-moe" if moe else ""), llm, {"LAZYXFORM_VLLM_READER": "off"}, timeout_s))
-        if moe:
+            runs.append(Run(n, "all", "vllm-reader" + ("-triton-moe" if llm else ""), llm, {"LAZYXFORM_VLLM_READER": "off"}, timeout_s))
+        if llm:  # the default MoE backend too, as a probe
             runs += [Run(n, r, "default-moe", timeout_s=probe_s) for r in routes]
     # Probes last: they may spend their whole timeout compiling.
     return sorted(runs, key=lambda r: r.tag == "default-moe")
