@@ -16,12 +16,12 @@ for first in $kit/p*/chunks/*.chunk000; do
   ls $kit/p*/chunks/"$name".chunk* | awk -F/ '{print $NF, $0}' | sort | cut -d' ' -f2 | xargs cat >"$joined/$name"
 done
 for z in $kit/p*/zips/*.zip "$joined"/*.zip; do
-  [ -e "$z" ] && python3 -m zipfile -e "$z" "$site"
+  if [ -e "$z" ]; then python3 -m zipfile -e "$z" "$site"; fi
 done
 wheels=$(ls $kit/p*/wheels/*.whl "$joined"/*.whl 2>/dev/null || true)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" $wheels 2>&1 | grep -v -i warn || true
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" $wheels
 if [ -n "${1:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$site" "$1" 2>&1 | grep -v -i warn || true
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$site" "$1"
 fi
 PYTHONPATH=$site python3 -c "
 import importlib.metadata as md, sglang, transformers
