@@ -59,7 +59,9 @@ def main() -> None:
     parser.add_argument("wheels", type=Path)
     parser.add_argument("kit", type=Path)
     parser.add_argument("--limit-mib", type=float, default=50.0)
-    parser.add_argument("--trim", nargs="*", default=[], help="DIST=PREFIX,PREFIX: leave these members out of DIST's wheel")
+    parser.add_argument(
+        "--trim", nargs="*", default=[], help="DIST=PREFIX,PREFIX: leave these members out of DIST's wheel"
+    )
     args = parser.parse_args()
     limit = int(args.limit_mib * MIB)
     trims = {dist: tuple(prefixes.split(",")) for dist, prefixes in (t.split("=", 1) for t in args.trim)}
@@ -82,7 +84,10 @@ def main() -> None:
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest / path.name)
     shutil.rmtree(staging)
-    print(f"{len(parts)} parts, {sum(sizes):.1f} MiB in {args.kit}: " + ", ".join(f"p{n} {s:.1f} MiB" for n, s in enumerate(sizes)))
+    print(
+        f"{len(parts)} parts, {sum(sizes):.1f} MiB in {args.kit}: "
+        + ", ".join(f"p{n} {s:.1f} MiB" for n, s in enumerate(sizes))
+    )
 
 
 if __name__ == "__main__":
