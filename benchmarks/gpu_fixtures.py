@@ -249,6 +249,9 @@ def layer_kernels(model: Any) -> dict[str, list[str]]:
             scheme = getattr(module, "scheme", None)
             if scheme is not None:
                 parts += [type(scheme).__name__, *kernel_attrs(scheme)]
+                inner = getattr(scheme, "inner", None)  # SGLang's PreQuantScaleScheme wraps another scheme
+                if inner is not None:
+                    parts += [type(inner).__name__, *kernel_attrs(inner)]
         backend = getattr(module, "attn_backend", None)
         if backend is not None:
             parts.append(f"attn_backend={backend.get_name()}")

@@ -1,4 +1,4 @@
-"""One sglang.Engine on the CPU, in a process of its own (SGLang spawns its scheduler; a failed engine
+"""One sglang.Engine (on the CPU unless the request names another device), in a process of its own (SGLang spawns its scheduler; a failed engine
 dies with this process):
 
     python engine_worker.py REQUEST.json RESULT.pt
@@ -23,19 +23,13 @@ VOCAB = 1024
 
 def main(request_path: str, result_path: str) -> None:
     request = json.loads(Path(request_path).read_text())
-    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    device = request.get("device", "cpu")  # benchmarks/gpu_sglang.py asks for cuda
+    if device == "cpu":
+        os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
     import sglang
 
-    engine = sglang.Engine(
-        model_path=request["model"],
-        device="cpu",
-        dtype="bfloat16",
-        max_total_tokens=1024,
-        disable_cuda_graph=True,
-        log_level="info",
-        random_seed=0,
-        **request["engine"],
-    )
+    defaults = {"dtype": "bfloat16", "max_total_tokens": 1024, "disable_cuda_graph": True, "log_level": "info", "random_seed": 0}
+    engine = sglang.Engine(model_path=request["model"], device=device, **{**defaults, **request["engine"]})
     try:
         rows = []
         for ids in request["ids"]:

@@ -1,0 +1,288 @@
+"""Bundled ModelOpt fixtures through SGLang's engine on a GPU (`sglang.Engine`, no quantization
+argument), one engine per process, checked against the dense reference the CPU tests use:
+
+    python benchmarks/gpu_sglang.py serve --out DIR [--only int4_awq fp8 ...] [--device cuda]
+    python benchmarks/gpu_sglang.py compare DIR       # again, anywhere: reference, bounds, table
+
+`serve` runs each fixture in its own process (tests/sglang/engine_worker.py: the prompts and prompt
+log-probabilities of tests/sglang), with route `all` (lazyxform serves it) and, for the fixtures
+SGLang's own ModelOpt support loads, route `off` (SGLang's native path), whose logprobs must equal
+lazyxform's bit for bit where both run. A run that fails or outlives --timeout is recorded with its
+error and the next one runs. Each run's layers are described in the scheduler process (SGLang spawns
+it and re-imports this file there: KERNELS_ENV) by their quant method, compressed-tensors scheme and
+kernel attributes. Then `compare` computes tests/vllm/modelopt_reference.py's logprobs with the bound
+policy of tests/sglang/test_sglang_fixtures.py (CASES) and writes DIR/runs.json and DIR/table.md.
+
+Engine options avoid long JIT compiles on a fresh machine: the triton attention backend (the kit
+carries no FlashAttention 3), the pytorch sampling backend, no CUDA graphs, a small static memory
+fraction. Layers SGLang 0.5.17 cannot run on the GPU found (W4A4 NVFP4 needs compute capability 10.0
+there, and it has no W4A16 NVFP4 scheme) are reported as such instead of run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures" / "modelopt"
+TESTS = [ROOT / "tests" / "sglang", ROOT / "tests" / "vllm", ROOT / "tests"]
+KERNELS_ENV = "LAZYXFORM_BENCH_KERNELS"  # where the scheduler writes its layers' description
+GPU_ENGINE = {
+    "attention_backend": "triton",
+    "sampling_backend": "pytorch",
+    "disable_cuda_graph": True,
+    "mem_fraction_static": 0.2,
+    "max_total_tokens": 4096,
+}
+# Where SGLang on an H200 computes another function than the CPU case's: its native NVFP4 path runs
+# FP4 Marlin (weight-only) below compute capability 10.0. Reference options and bound.
+WEIGHT_ONLY = {"quantize_activations": False}
+SM90_CASES: dict[str, tuple[dict[str, Any], float]] = {"nvfp4": (WEIGHT_ONLY, 2.0)}
+NVFP4_ALGOS = {"NVFP4", "NVFP4_AWQ", "W4A16_NVFP4", "W4A8_NVFP4_FP8"}
+
+
+def probe_kernels(path: Path) -> None:
+    """After SGLang's ModelRunner loads its model (scheduler process), write each layer type's
+    method / scheme / kernel description (benchmarks/gpu_fixtures.layer_kernels) to path."""
+    import functools
+
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_fixtures import layer_kernels
+
+    load = ModelRunner.load_model
+
+    @functools.wraps(load)
+    def load_and_describe(self, *args, **kwargs):
+        out = load(self, *args, **kwargs)
+        (path.parent / f"{path.name}.gpu{self.gpu_id}.json").write_text(json.dumps(layer_kernels(self.model), indent=1))
+        return out
+
+    ModelRunner.load_model = load_and_describe
+
+
+if os.environ.get(KERNELS_ENV):  # this file re-imported as __mp_main__ in SGLang's spawned scheduler
+    probe_kernels(Path(os.environ[KERNELS_ENV]))
+
+
+def unsupported_on_this_gpu(algos: set[str]) -> str:
+    """Why SGLang's compressed-tensors schemes cannot run these algos on this GPU, or ''."""
+    import torch
+
+    if not algos & NVFP4_ALGOS or not torch.cuda.is_available():
+        return ""
+    from sglang.srt.layers.quantization.compressed_tensors import schemes
+
+    need = schemes.CompressedTensorsW4A4Fp4.get_min_capability()
+    major, minor = torch.cuda.get_device_capability()
+    if major * 10 + minor < need and not hasattr(schemes, "CompressedTensorsW4A16Fp4"):
+        return f"needs compute capability {need} (this GPU: {major}{minor}): SGLang's W4A4 NVFP4 scheme; this SGLang has no W4A16 NVFP4 scheme"
+    return ""
+
+
+def plan(fixtures: Path, names: list[str]) -> list[dict[str, Any]]:
+    """Runs: route `all` for each fixture, `off` where SGLang loads the checkpoint natively (GPU only)."""
+    import sglang
+    import torch
+
+    import lazyxform
+    from lazyxform_sglang.routing import native_algos
+
+    runs = []
+    for name in names:
+        algos = lazyxform.read_modelopt_algos(fixtures / name)
+        native = torch.cuda.is_available() and bool(algos) and algos <= native_algos(sglang.__version__)
+        runs.append({"fixture": name, "route": "all", "skip": unsupported_on_this_gpu(algos)})
+        if native:
+            runs.append({"fixture": name, "route": "off", "skip": ""})
+    for run in runs:
+        run["name"] = f"{run['fixture']}-{run['route']}"
+    return runs
+
+
+def serve(out: Path, fixtures: Path, names: list[str], device: str, tp_size: int, timeout_s: float) -> list[dict]:
+    sys.path[:0] = [str(p) for p in TESTS]
+    from helpers import servable_copies
+    from sglang_support import prompt_ids
+
+    out.mkdir(parents=True, exist_ok=True)
+    copy = servable_copies(out / "fixtures")
+    engine = {**(GPU_ENGINE if device == "cuda" else {}), "tp_size": tp_size}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))  # the run in flight is killed
+    done = []
+    for run in plan(fixtures, names):
+        began = time.monotonic()
+        if run["skip"]:
+            run.update(rc=None, wall_s=0.0, error=f"not run: {run['skip']}")
+        else:
+            model = copy(run["fixture"])
+            request = out / f"{run['name']}.request.json"
+            request.write_text(
+                json.dumps(
+                    {"model": str(model), "device": device, "ids": prompt_ids(model), "weights": [], "engine": engine}
+                )
+            )
+            run.update(worker(run["name"], request, out, timeout_s))
+        run["wall_s"] = round(time.monotonic() - began, 1)
+        done.append(run)
+        print(f"{run['name']}: rc {run['rc']} in {run['wall_s']} s {run.get('error', '')[:200]}", flush=True)
+        (out / "runs.json").write_text(json.dumps(done, indent=2))
+    return done
+
+
+def worker(name: str, request: Path, out: Path, timeout_s: float) -> dict[str, Any]:
+    """engine_worker.py in a session of its own (a kill takes SGLang's scheduler along)."""
+    env = {**os.environ, KERNELS_ENV: str(out / f"{name}.kernels"), "LAZYXFORM_SGLANG_ROUTE": name.rsplit("-", 1)[1]}
+    env["PYTHONPATH"] = os.pathsep.join([str(p) for p in TESTS] + [env.get("PYTHONPATH", "")])
+    with open(out / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "worker", str(request), str(out / f"{name}.pt")],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"rc": None, "error": f"timed out after {timeout_s} s"}
+        finally:  # timed out, or this harness stopped (SIGTERM): the engine leaves the GPU with it
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if rc != 0:
+        lines = (out / f"{name}.log").read_text(errors="replace").splitlines()
+        errors = [line for line in lines if "Error" in line or "error" in line]
+        return {"rc": rc, "error": (errors[-1] if errors else lines[-1] if lines else "")[-600:]}
+    return {"rc": 0}
+
+
+def run_worker(request: Path, result: Path) -> None:
+    sys.path[:0] = [str(p) for p in TESTS]
+    import engine_worker
+
+    engine_worker.main(str(request), str(result))
+
+
+# ---- compare: after serve, anywhere ----
+
+
+def deviation(path: Path, ids: list[list[int]], got: Any, options: dict[str, Any], bound: float) -> dict[str, Any]:
+    """|got - reference| against the reference's own bf16 noise, max and mean (the tests' bound)."""
+    import torch
+    from modelopt_reference import Reference
+    from sglang_support import within
+
+    def logprobs(**extra: Any) -> torch.Tensor:
+        ref = Reference(path, **{**options, **extra})
+        return torch.cat([ref.logprobs(p)[:-1] for p in ids])
+
+    want = logprobs()
+    noise = (logprobs(dtype=torch.bfloat16) - want).abs()
+    err = (got - want).abs()
+    return {
+        "reference": options,
+        "max": float(err.max()),
+        "mean": float(err.mean()),
+        "noise_max": float(noise.max()),
+        "noise_mean": float(noise.mean()),
+        "bound": bound,
+        "within": within(err, noise, bound),
+    }
+
+
+def compare(out: Path, fixtures: Path) -> list[dict]:
+    sys.path[:0] = [str(p) for p in TESTS]
+    import torch
+    from sglang_support import prompt_ids
+    from test_sglang_fixtures import CASES
+
+    runs = json.loads((out / "runs.json").read_text())
+    results = {r["name"]: torch.load(out / f"{r['name']}.pt", weights_only=False) for r in runs if r["rc"] == 0}
+    for run in runs:
+        got = results.get(run["name"])
+        if got is None:
+            continue
+        path = fixtures / run["fixture"]
+        run["kernels"] = {
+            p.name: json.loads(p.read_text()) for p in sorted(out.glob(f"{run['name']}.kernels.gpu*.json"))
+        }
+        ids = prompt_ids(out / "fixtures" / run["fixture"])
+        case = CASES[run["fixture"]]
+        options, bound = (
+            SM90_CASES.get(run["fixture"], (case.reference, case.bound))
+            if run["route"] == "off"
+            else (case.reference, case.bound)
+        )
+        run.update(deviation(path, ids, got["logprobs"], options, bound))
+        twin = f"{run['fixture']}-all"
+        if run["route"] == "off" and twin in results:
+            a, b = results[twin]["logprobs"], got["logprobs"]
+            run.update(twin=twin, identical=bool(torch.equal(a, b)), twin_max_diff=float((a - b).abs().max()))
+    (out / "runs.json").write_text(json.dumps(runs, indent=2))
+    (out / "table.md").write_text(table(runs))
+    return runs
+
+
+def short_kernels(kernels: dict[str, dict[str, list[str]]]) -> str:
+    """One cell: each quantized layer kind's distinct descriptions (rank 0)."""
+    first = next(iter(kernels.values()), {})
+    kinds: dict[str, set[str]] = {}
+    for layer, descriptions in first.items():
+        for d in descriptions:
+            if "Unquantized" not in d:
+                kinds.setdefault(layer.rsplit(".", 1)[-1], set()).add(d)
+    return "; ".join(f"{k}: {' / '.join(sorted(v))}" for k, v in sorted(kinds.items()))
+
+
+def table(runs: list[dict]) -> str:
+    lines = [
+        "| run | max / mean \\|dlogprob\\| | bf16 noise max / mean | bound | within | identical to lazyxform | layers: method > scheme > kernel |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        if "max" not in r:
+            lines.append(f"| {r['name']} | {r.get('error', 'no result').replace('|', '/')} | | | | | |")
+            continue
+        ident = ("yes" if r["identical"] else f"no (max {r['twin_max_diff']:.3g})") if "identical" in r else "n.a."
+        lines.append(
+            f"| {r['name']} | {r['max']:.4f} / {r['mean']:.5f} | {r['noise_max']:.4f} / {r['noise_mean']:.5f} | "
+            f"{r['bound']}x | {'yes' if r['within'] else 'NO'} | {ident} | {short_kernels(r.get('kernels', {}))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="every run, one engine per process, then compare")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--fixtures", type=Path, default=FIXTURES)
+    s.add_argument("--only", nargs="*", default=["int4_awq", "int8_sq", "fp8_pc_pt", "nvfp4", "fp8", "w4a16_nvfp4"])
+    s.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (SGLang's CPU engine)")
+    s.add_argument("--tp-size", type=int, default=1)
+    s.add_argument("--timeout", type=float, default=240.0, help="seconds per run")
+    c = sub.add_parser("compare", help="deviation from the reference, bounds, native twins, table")
+    c.add_argument("out", type=Path)
+    c.add_argument("--fixtures", type=Path, default=FIXTURES)
+    w = sub.add_parser("worker", help=argparse.SUPPRESS)
+    w.add_argument("request", type=Path)
+    w.add_argument("result", type=Path)
+    args = parser.parse_args()
+    if args.command == "serve":
+        serve(args.out, args.fixtures.resolve(), args.only, args.device, args.tp_size, args.timeout)
+        print(table(compare(args.out, args.fixtures.resolve())))
+    elif args.command == "compare":
+        print(table(compare(args.out, args.fixtures.resolve())))
+    else:
+        run_worker(args.request, args.result)
+
+
+if __name__ == "__main__":
+    main()
