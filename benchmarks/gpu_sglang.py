@@ -115,7 +115,7 @@ def serve(out: Path, fixtures: Path, names: list[str], device: str, tp_size: int
     from sglang_support import prompt_ids
 
     out.mkdir(parents=True, exist_ok=True)
-    copy = servable_copies(out / "fixtures")
+    copy = servable_copies(out / "fixtures", fixtures)
     engine = {**(GPU_ENGINE if device == "cuda" else {}), "tp_size": tp_size}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))  # the run in flight is killed
     done = []

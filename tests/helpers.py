@@ -16,9 +16,9 @@ from reference import FIXTURES, ct_decompress, fp32_reciprocal, int4_values, loa
 from safetensors.torch import save_file
 
 
-def copy_fixture(name: str, dst: Path) -> Path:
+def copy_fixture(name: str, dst: Path, source: Path = FIXTURES) -> Path:
     out = dst / name
-    shutil.copytree(FIXTURES / name, out)
+    shutil.copytree(source / name, out)
     for f in out.iterdir():
         f.chmod(0o644)
     return out
@@ -31,17 +31,17 @@ def rewrite_tensors(ckpt: Path, edit) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(ckpt / "model.safetensors"))
 
 
-def servable_copies(root: Path) -> Callable[[str], Path]:
-    """name -> a copy under `root` of a bundled fixture plus the tiny tokenizer an engine loads, made
-    once per name (files are copied: lazyxform refuses files that resolve outside the checkpoint
-    directory, as a symlink would)."""
+def servable_copies(root: Path, source: Path = FIXTURES) -> Callable[[str], Path]:
+    """name -> a copy under `root` of a fixture in `source` (default: the bundled ones) plus the tiny
+    tokenizer an engine loads, made once per name (files are copied: lazyxform refuses files that
+    resolve outside the checkpoint directory, as a symlink would)."""
     from tiny_tokenizer import write_tokenizer  # tests/vllm, on sys.path in both engines' suites
 
     made: dict[str, Path] = {}
 
     def make(name: str) -> Path:
         if name not in made:
-            made[name] = copy_fixture(name, root)
+            made[name] = copy_fixture(name, root, source)
             write_tokenizer(made[name])
         return made[name]
 
