@@ -3,8 +3,9 @@
 Folded only where the arithmetic is exact up to one rounding of a scale:
 - into the RMSNorm weight that feeds exactly the modules sharing that pqs (norm(x) * g * pqs);
 - into the per-row scales of the linear whose output rows ARE this module's input
-  (up_proj -> down_proj, w3 -> w2; v_proj -> o_proj only when every query head has its own KV
-  head and the KV cache is not quantized, since a per-tensor v_scale cannot absorb row factors).
+  (up_proj -> down_proj, w3 -> w2, the up half of a stored gate_up_proj -> down_proj; v_proj, or
+  the v rows of a stored qkv_proj, -> o_proj only when every query head has its own KV head and the
+  KV cache is not quantized, since a per-tensor v_scale cannot absorb row factors).
 Which module feeds which is the architecture's topology (topology.py). Everything else keeps `<module>.pre_quant_scale` for the engine to apply at run time.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from .errors import TensorMismatchError
 from .plan import Rule, Tensors
-from .recipes.base import FLOAT_DTYPES, PQS, Module, Recipe, check_equal, check_scale
+from .recipes.base import FLOAT_DTYPES, PQS, Module, Recipe, RowFactor, check_equal, check_scale, row_scaled
 from .shards import TensorInfo
 from .topology import Topology
 
@@ -25,7 +26,7 @@ from .topology import Topology
 @dataclass
 class PreQuantPlan:
     rules: list[Rule] = field(default_factory=list)
-    row_factors: dict[str, str] = field(default_factory=dict)  # producer module -> pqs tensor name
+    row_factors: dict[str, RowFactor] = field(default_factory=dict)  # producer module -> its consumer's pqs
     runtime: list[str] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
 
@@ -114,27 +115,30 @@ def _fold_into_rows(
         parent, dot, leaf = name.rpartition(".")  # a top-level module has no parent
         if leaf not in topology.row_producers or (leaf in topology.through_attention and kv_algo is not None):
             continue
-        producer = f"{parent}{dot}{topology.row_producers[leaf]}"
+        producer_leaf = topology.row_producers[leaf]
+        producer = f"{parent}{dot}{producer_leaf}"
         if producer not in modules:
             continue
         pm, precipe = modules[producer]
-        # Equal sizes also mean every query head has its own KV head: under grouped-query attention
-        # v_proj has fewer rows than o_proj has inputs, and a KV row feeds several heads.
-        if not precipe.row_scalable or precipe.weight_shape(pm)[0] != m.info(PQS).shape[0]:
+        size, blocks = m.info(PQS).shape[0], topology.stacked_rows.get(producer_leaf, 1)
+        # The input is the last of `blocks` equal row blocks. Equal sizes also mean every query head
+        # has its own KV head: under grouped-query attention v has fewer rows than o_proj has inputs,
+        # and a KV row feeds several heads.
+        if not precipe.row_scalable or precipe.weight_shape(pm)[0] != blocks * size:
             continue
-        factor = m.key(PQS)
+        factor = RowFactor(m.key(PQS), (blocks - 1) * size)
         plan.row_factors[producer] = factor
         bias = f"{producer}.bias"
         if bias in tensors:
-            plan.rules.append(Rule(f"bias x {factor}", (bias, factor), (bias,), _bias_fold(bias, factor)))
+            plan.rules.append(Rule(f"bias x {factor.name}", (bias, factor.name), (bias,), _bias_fold(bias, factor)))
+        rows = f"rows {factor.first_row}.." if factor.first_row else "rows"
         done.add(name)
-        plan.notes.setdefault(name, []).append(f"pre_quant_scale folded into the output rows of {producer}")
-        plan.notes.setdefault(producer, []).append(f"row scales absorb {factor}")
+        plan.notes.setdefault(name, []).append(f"pre_quant_scale folded into the output {rows} of {producer}")
+        plan.notes.setdefault(producer, []).append(f"{rows} scales absorb {factor.name}")
 
 
-def _bias_fold(bias: str, factor: str) -> Any:
+def _bias_fold(bias: str, factor: RowFactor) -> Any:
     def fn(t: Tensors) -> dict[str, torch.Tensor]:
-        b = t[bias]
-        return {bias: (b.float() * t[factor].float()).to(b.dtype)}
+        return {bias: row_scaled(t[bias], t[factor.name], factor.first_row)}
 
     return fn

@@ -196,11 +196,12 @@ FIXTURE_TABLE: dict[str, Fixture] = {
     "qwen3moe_int4_awq": Fixture("W4A16_AWQ", "qwen3_moe", runtime_pqs=tuple(sorted(O_PROJ + experts(0, "gate_proj", "up_proj") + experts(1, "gate_proj", "up_proj"))),
                                  folded_pqs=experts(0, "down_proj") + experts(1, "down_proj"), modules=32, experts=24),
     # Phi-3: pre-fused qkv_proj / gate_up_proj (8 modules). ModelOpt folds no AWQ scale into a norm for
-    # a single Linear; lazyxform folds qkv's into input_layernorm and gate_up's into
-    # post_attention_layernorm. o_proj and down_proj read a part of a fused module's rows: kept.
+    # a single Linear; lazyxform folds qkv's into input_layernorm, gate_up's into
+    # post_attention_layernorm and down_proj's into the up half of gate_up_proj's rows. GQA (4 query
+    # heads, 2 KV heads): o_proj's stays.
     "phi3_fp8": Fixture("FP8", "phi3", modules=8),
-    "phi3_int4_awq": Fixture("W4A16_AWQ", "phi3", runtime_pqs=tuple(sorted(layers("self_attn.o_proj", "mlp.down_proj"))),
-                             folded_pqs=tuple(sorted(layers("self_attn.qkv_proj", "mlp.gate_up_proj"))), modules=8),
+    "phi3_int4_awq": Fixture("W4A16_AWQ", "phi3", runtime_pqs=O_PROJ,
+                             folded_pqs=tuple(sorted(layers("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"))), modules=8),
     "phi3_nvfp4": Fixture("NVFP4", "phi3", modules=8),
     # Gemma 3: no norm fold ((1 + w) norms); Llama's row folds: down_proj's into up_proj's rows.
     "gemma3_fp8": Fixture("FP8", "gemma3_text"),

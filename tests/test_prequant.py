@@ -4,6 +4,9 @@ engine (Checkpoint.runtime_pre_quant_scale). Which fold or stay in each fixture:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 from algos import FIXTURE_TABLE, NORM_FOLD_BOUND, O_PROJ, SERVED, layers
@@ -78,29 +81,43 @@ def test_smoothquant_folds_keep_the_effective_linear_maps():
     assert ck.plan.runtime_pre_quant_scale == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
 
 
-# AWQ fixtures whose down_proj pre_quant_scale folds into up_proj's INT4 group scales.
+# AWQ fixtures whose down_proj pre_quant_scale folds into up_proj's INT4 group scales (Phi-3: into the
+# up half of its stored gate_up_proj's).
 DOWN_INTO_UP = sorted(f for f, row in FIXTURE_TABLE.items() if row.target.family == "int4" and set(layers("mlp.down_proj")) <= set(row.folded_pqs))
+
+
+def gate_and_up(decode: Callable[[str], torch.Tensor], mlp: str, model_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up weights of an MLP; Phi-3 stores them as one gate_up_proj, gate rows first
+    (transformers' Phi3MLP: gate, up = gate_up_proj(x).chunk(2))."""
+    if model_type == "phi3":
+        gate, up = decode(f"{mlp}.gate_up_proj").chunk(2)
+        return gate, up
+    return decode(f"{mlp}.gate_proj"), decode(f"{mlp}.up_proj")
 
 
 @pytest.mark.parametrize("fixture", DOWN_INTO_UP)
 def test_mlp_with_down_proj_scale_folded_into_up_proj_rows(fixture):
     """down((silu(x G^T) * x U^T) * pqs) against the rewritten down(silu(x G'^T) * x U'^T). The
-    elementwise bounds are the guarantee; this checks the factor sits where it belongs: the
-    rounding leaves ~2^-8 of the output norm, a missing fold (pqs 0.86-1.16 here) ~5%."""
+    elementwise bounds are the guarantee; this checks the factor sits where it belongs, in up's rows:
+    the rounding leaves ~2^-8 of the output norm, the factor (pqs 0.86-1.16 here) missing ~5%, in
+    gate's rows instead 1.2-1.5%."""
     path = FIXTURES / fixture
     ck = lazyxform.open(path, device="cpu")
-    orig, out, algo, qc = load_tensors(path), dict(ck), FIXTURE_TABLE[fixture].algo, ck.quantization_config
+    orig, out, row, qc = load_tensors(path), dict(ck), FIXTURE_TABLE[fixture], ck.quantization_config
     x = torch.randn(32, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     silu = torch.nn.functional.silu
     for layer in ("model.layers.0.mlp", "model.layers.1.mlp"):
         pqs = orig[f"{layer}.down_proj.pre_quant_scale"].double()
-        g_w, u_w, d_w = (modelopt_weight(algo, orig, f"{layer}.{p}") for p in ("gate_proj", "up_proj", "down_proj"))
-        g_c, u_c, d_c = (ct_decompress(qc, f"{layer}.{p}", out).double() for p in ("gate_proj", "up_proj", "down_proj"))
+        g_w, u_w = gate_and_up(lambda m: modelopt_weight(row.algo, orig, m), layer, row.model_type)
+        g_c, u_c = gate_and_up(lambda m: ct_decompress(qc, m, out).double(), layer, row.model_type)
+        d_w, d_c = modelopt_weight(row.algo, orig, f"{layer}.down_proj"), ct_decompress(qc, f"{layer}.down_proj", out).double()
         want = (silu(x @ g_w.T) * (x @ u_w.T) * pqs) @ d_w.T
         got = (silu(x @ g_c.T) * (x @ u_c.T)) @ d_c.T
+        assert (got - want).norm() <= 2**-7 * want.norm(), layer
         unfolded = (silu(x @ g_c.T) * (x @ u_w.T)) @ d_c.T
-        assert (got - want).norm() <= 2**-6 * want.norm(), layer
-        assert (unfolded - want).norm() > 2**-6 * want.norm(), "the check cannot tell a missing fold"
+        in_gate = (silu(x @ (g_w * pqs[:, None]).T) * (x @ u_w.T)) @ d_c.T
+        for wrong in (unfolded, in_gate):
+            assert (wrong - want).norm() > 2**-7 * want.norm(), "the check cannot tell a missing or misplaced fold"
 
 
 # Fixtures with Llama's attention (q/k/v_proj) keeping o_proj's scale under GQA; made MHA, it folds
@@ -132,6 +149,65 @@ def test_o_proj_scale_folds_into_v_proj_rows_only_where_row_scales_absorb_it(tmp
         factor = folded_row_factor(f"{layer}.self_attn.v_proj", orig, out)
         assert (factor is not None) == folds
         check_module(row.algo, orig, out, ck.quantization_config, f"{layer}.self_attn.v_proj", factor)
+
+
+def phi3_made_mha(tmp_path, kv: str | None) -> Path:
+    """phi3_int4_awq with every query head its own KV head: qkv_proj's k and v rows are copies of its
+    q rows (int4 rows are packed in pairs, q's 256 rows are 128 whole bytes), optionally with a
+    quantized KV cache in the config."""
+    ckpt = copy_fixture("phi3_int4_awq", tmp_path)
+    edit_json(ckpt / "config.json", lambda c: c.update(num_key_value_heads=c["num_attention_heads"]))
+    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"].update(kv_cache_quant_algo=kv))
+
+    def q_rows_thrice(t):
+        for layer in ("model.layers.0", "model.layers.1"):
+            qkv = f"{layer}.self_attn.qkv_proj"
+            t[f"{qkv}.weight"] = t[f"{qkv}.weight"][:128].repeat(3, 1)
+            t[f"{qkv}.weight_scale"] = t[f"{qkv}.weight_scale"][:256].repeat(3, 1)
+
+    rewrite_tensors(ckpt, q_rows_thrice)
+    return ckpt
+
+
+def attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention's output over the rows of a stored q|k|v projection, q, k, v in that order
+    (transformers' Phi3Attention), before o_proj: softmax(q k^T / sqrt(d)) v per head."""
+    q, k, v = (part.unflatten(-1, (heads, -1)).transpose(0, 1) for part in qkv.chunk(3, dim=-1))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return (weights @ v).transpose(0, 1).flatten(1)
+
+
+def test_o_proj_scale_folds_into_the_v_rows_of_phi3_qkv_proj_when_mha(tmp_path):
+    """Made MHA: o_proj's pre_quant_scale goes into the v rows of the stored qkv_proj. o_proj(attn(x) *
+    pqs) against the rewritten o_proj(attn(x)), ModelOpt's weights against compressed-tensors'; the
+    factor missing or on the q rows instead is outside the bound."""
+    ckpt = phi3_made_mha(tmp_path, kv=None)
+    ck = lazyxform.open(ckpt, device="cpu")
+    orig, out, qc = load_tensors(ckpt), dict(ck), ck.quantization_config
+    assert ck.runtime_pre_quant_scale == []
+    x = torch.randn(12, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for layer in ("model.layers.0.self_attn", "model.layers.1.self_attn"):
+        check_module("W4A16_AWQ", orig, out, qc, f"{layer}.qkv_proj", folded_row_factor(f"{layer}.qkv_proj", orig, out))
+        pqs = orig[f"{layer}.o_proj.pre_quant_scale"].double()
+        qkv_w, o_w = (modelopt_weight("W4A16_AWQ", orig, f"{layer}.{p}") for p in ("qkv_proj", "o_proj"))
+        qkv_c, o_c = (ct_decompress(qc, f"{layer}.{p}", out).double() for p in ("qkv_proj", "o_proj"))
+        want = (attention(x @ qkv_w.T, 4) * pqs) @ o_w.T
+        got = attention(x @ qkv_c.T, 4) @ o_c.T
+        assert (got - want).norm() <= 2**-7 * want.norm(), layer
+        in_q = torch.cat([qkv_w[:256] * pqs[:, None], qkv_w[256:]])
+        for wrong in (attention(x @ qkv_w.T, 4) @ o_c.T, attention(x @ in_q.T, 4) @ o_c.T):
+            assert (wrong - want).norm() > 2**-7 * want.norm(), "the check cannot tell a missing or misplaced fold"
+
+
+def test_phi3_o_proj_scale_stays_at_run_time_over_a_quantized_kv_cache(tmp_path):
+    """Made MHA as above, with an FP8 KV cache: the per-tensor v_scale cannot carry row factors."""
+    ckpt = phi3_made_mha(tmp_path, kv="FP8")
+    ck = lazyxform.open(ckpt, device="cpu")
+    orig, out = load_tensors(ckpt), dict(ck)
+    assert ck.runtime_pre_quant_scale == list(O_PROJ)
+    for layer in ("model.layers.0", "model.layers.1"):
+        assert folded_row_factor(f"{layer}.self_attn.qkv_proj", orig, out) is None
+        check_module("W4A16_AWQ", orig, out, ck.quantization_config, f"{layer}.self_attn.qkv_proj")
 
 
 def add_gate_up_pre_quant_scale(t: dict[str, torch.Tensor]) -> None:
