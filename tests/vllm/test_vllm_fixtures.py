@@ -109,7 +109,7 @@ CASES = {
     "w4a8_mxfp4_fp8": Case(reference={"activation": "fp8_token"}),
     "w4a8_nvfp4_fp8": Case(reference={"quantize_activations": False}),
     "phi3_fp8": Case(),
-    "phi3_int4_awq": Case(runtime_pre_quant_scale=2),  # o_proj (GQA); down_proj.s folds into gate_up_proj.s up rows
+    "phi3_int4_awq": Case(runtime_pre_quant_scale=2),  # o_proj's (GQA); down_proj's is in gate_up_proj's up rows
     "phi3_nvfp4": W4A4,
     # Gemma normalizes the attention's and the MLP's outputs (post_attention_layernorm,
     # post_feedforward_layernorm) and q/k (q_norm, k_norm): a whole module's weight times a factor is
