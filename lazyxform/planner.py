@@ -100,6 +100,7 @@ def plan_and_config(
     )
     if dense.warning:
         plan.warnings.append(dense.warning)
+    plan.warnings += pre.warnings
     ignore = _ignore_list(cfg, quantized, tensors) + sorted(dense.modules)
 
     def config() -> dict[str, Any]:

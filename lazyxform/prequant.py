@@ -29,6 +29,7 @@ class PreQuantPlan:
     row_factors: dict[str, RowFactor] = field(default_factory=dict)  # producer module -> its consumer's pqs
     runtime: list[str] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def plan_pre_quant(
@@ -47,6 +48,7 @@ def plan_pre_quant(
     done: set[str] = set()
     _fold_into_norms(plan, with_pqs, tensors, topology, done)
     _fold_into_rows(plan, modules, with_pqs, tensors, topology, kv_algo, done)
+    plan.warnings += _scales_modelopt_folded_into_a_shared_norm(modules, with_pqs, tensors, topology)
     for name, m in with_pqs.items():
         if name not in done:
             plan.runtime.append(name)
@@ -89,6 +91,45 @@ def _mlp_has_other_consumers(layer: str, tensors: dict[str, TensorInfo], mlp_lea
     """A router or shared expert under `mlp.` also reads the post-attention norm: no fold."""
     prefix = f"{layer}.mlp."
     return any(n.startswith(prefix) and n[len(prefix):].split(".", 1)[0] not in mlp_leaves for n in tensors)
+
+
+# ModelOpt formats whose pre_quant_scale its exporter folds into a norm ("awq" in the format's name).
+AWQ_ALGOS = frozenset({"W4A16_AWQ", "W4A8_AWQ", "NVFP4_AWQ"})
+
+
+def _scales_modelopt_folded_into_a_shared_norm(
+    modules: dict[str, tuple[Module, Recipe]], with_pqs: dict[str, Module], tensors: dict[str, TensorInfo], topology: Topology
+) -> list[str]:
+    """ModelOpt's exporter (0.47, `_fuse_shared_input_modules`) folds the AWQ scale of Linears that
+    read the very output of a norm into that norm, without looking at the norm's other readers. In a
+    MoE layer the post-attention norm also feeds the router and the routed experts, and a shared
+    expert reads its output as is (DeepSeek), so the shared expert's gate/up scale lands in the norm
+    and every other reader sees x * s as well. In the headers: AWQ gate/up modules under `mlp.`
+    without a pre_quant_scale, where other AWQ modules of that MLP have one."""
+    found = []
+    for norm, (parent, leaves) in topology.norm_consumers.items():
+        if parent != "mlp":  # the attention norms' readers are all known Linears: folds there are right
+            continue
+        for layer in sorted({name.partition(".mlp.")[0] for name in modules if ".mlp." in name}):
+            prefix, norm_w = f"{layer}.mlp.", f"{layer}.{norm}.weight"
+            if norm_w not in tensors or not _mlp_has_other_consumers(layer, tensors, topology.mlp_leaves):
+                continue
+            awq = [name for name, (m, _) in modules.items() if name.startswith(prefix) and m.cfg.algo in AWQ_ALGOS]
+            stripped = [name for name in awq if name.rpartition(".")[2] in leaves and name not in with_pqs]
+            if not stripped or not any(name in with_pqs for name in awq):
+                continue
+            blocks = sorted({prefix + name[len(prefix):].split(".", 1)[0] for name in stripped})
+            readers = sorted({prefix + n[len(prefix):].split(".", 1)[0] for n in tensors if n.startswith(prefix)} - set(blocks))
+            found.append(
+                f"{', '.join(stripped)}: AWQ modules without a pre_quant_scale, where other AWQ modules of "
+                f"{layer}.mlp have one. ModelOpt's exporter (0.47, _fuse_shared_input_modules) folded their "
+                f"scale into {norm_w}, which also feeds {', '.join(readers)}: those read the norm's output times "
+                "that scale, so this checkpoint does not compute the model ModelOpt calibrated (the norm's own "
+                "weight is not in it, so no loader can undo the fold). lazyxform serves it as written. For the "
+                f"calibrated model, re-export with {', '.join(blocks)} left out of quantization (a disabled "
+                "quant_cfg entry): then no scale is folded into that norm."
+            )
+    return found
 
 
 def _norm_fold(norm_w: str, pqs: list[str]) -> Any:

@@ -325,3 +325,34 @@ def test_norms_that_cannot_absorb_a_scale_pass_through(fixture, norms):
         layer, mlp = norm.rsplit(".", 1)[0], "mlp.experts.0" if FIXTURE_TABLE[fixture].moe else "mlp"
         fed = "self_attn.q_proj" if norm.endswith("input_layernorm") else f"{mlp}.gate_proj"
         assert f"{layer}.{fed}" in ck.plan.runtime_pre_quant_scale, norm
+
+
+@pytest.mark.filterwarnings("ignore::lazyxform.LazyxformWarning")  # NVFP4_SVD is dequantized
+@pytest.mark.parametrize("fixture", SERVED)
+def test_a_scale_modelopt_folded_into_a_norm_that_others_read_is_warned_about(fixture):
+    """ModelOpt 0.47 folded deepseek_v3_int4_awq's shared-expert gate/up scale into a MoE layer's
+    post-attention norm, which the router and routed experts also read: one plan warning per such
+    norm, naming it, the stripped modules and the other readers; none for any other fixture (Llama,
+    Qwen3-MoE and DeepSeek FP8 included)."""
+    ck = lazyxform.open(FIXTURES / fixture, device="cpu")
+    warned = [w for w in ck.plan.warnings if "_fuse_shared_input_modules" in w]
+    norms = FIXTURE_TABLE[fixture].defective_norm_folds
+    assert len(warned) == len(norms)
+    for norm, warning in zip(norms, warned, strict=True):
+        layer = norm.rsplit(".", 1)[0]
+        assert f"{norm}.weight, which also feeds {layer}.mlp.experts, {layer}.mlp.gate:" in warning, warning
+        assert warning.startswith(f"{layer}.mlp.shared_experts.gate_proj, {layer}.mlp.shared_experts.up_proj: AWQ modules without"), warning
+
+
+def test_the_defective_norm_fold_warning_keys_on_the_missing_scale(tmp_path):
+    """deepseek_v3_int4_awq warns on open (LazyxformWarning); the same checkpoint with its shared
+    experts' gate/up scales in place (as ModelOpt would have left them, had it not folded) does not."""
+    with pytest.warns(lazyxform.LazyxformWarning, match=r"folded their scale into model\.layers\.1\.post_attention_layernorm\.weight.*re-export"):
+        lazyxform.open(FIXTURES / "deepseek_v3_int4_awq", device="cpu")
+    ckpt = copy_fixture("deepseek_v3_int4_awq", tmp_path)
+    shared = "model.layers.1.mlp.shared_experts"
+    pqs = torch.linspace(0.8, 1.2, 256).to(torch.bfloat16)
+    rewrite_tensors(ckpt, lambda t: t.update({f"{shared}.{p}.pre_quant_scale": pqs.clone() for p in ("gate_proj", "up_proj")}))
+    ck = lazyxform.open(ckpt, device="cpu")
+    assert ck.plan.warnings == []
+    assert {f"{shared}.gate_proj", f"{shared}.up_proj"} <= set(ck.runtime_pre_quant_scale)
