@@ -262,21 +262,24 @@ def test_o_proj_scale_stays_at_run_time_over_a_quantized_kv_cache(tmp_path):
         check_module("W4A16_AWQ", orig, out, ck.quantization_config, f"{layer}.self_attn.v_proj")
 
 
-def test_a_bias_on_the_row_producer_is_scaled_with_its_rows(tmp_path):
-    """int4_awq with a bias on up_proj: down_proj's scale folds into up_proj's rows, so up_proj's
-    output must be (x W^T + b) * s, bias included (the effective map, not the formula's pieces)."""
-    ckpt = copy_fixture("int4_awq", tmp_path)
-    biases = {f"{layer}.mlp.up_proj.bias": torch.randn(512, generator=torch.Generator().manual_seed(i)).bfloat16() for i, layer in enumerate(("model.layers.0", "model.layers.1"))}
+@pytest.mark.parametrize(("fixture", "producer", "rows"), [("int4_awq", "mlp.up_proj", 512), ("phi3_int4_awq", "mlp.gate_up_proj", 1024)])
+def test_a_bias_on_the_row_producer_is_scaled_with_its_rows(tmp_path, fixture, producer, rows):
+    """A bias on the producer of down_proj's input: down_proj's scale folds into those rows (Phi-3:
+    gate_up_proj's up half), so their output must be (x W^T + b) * s, bias included, and the other
+    rows x W^T + b (the effective map, not the formula's pieces)."""
+    ckpt = copy_fixture(fixture, tmp_path)
+    biases = {f"{layer}.{producer}.bias": torch.randn(rows, generator=torch.Generator().manual_seed(i)).bfloat16() for i, layer in enumerate(("model.layers.0", "model.layers.1"))}
     rewrite_tensors(ckpt, lambda t: t.update(biases))
     ck = lazyxform.open(ckpt, device="cpu")
     orig, out = load_tensors(ckpt), dict(ck)
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(7))
     for layer in ("model.layers.0", "model.layers.1"):
-        up, s = f"{layer}.mlp.up_proj", orig[f"{layer}.mlp.down_proj.pre_quant_scale"].float()
-        want = (x @ modelopt_weight("W4A16_AWQ", orig, up).float().T + orig[f"{up}.bias"].float()) * s
-        got = x @ ct_decompress(ck.quantization_config, up, out).float().T + out[f"{up}.bias"].float()
-        unscaled = x @ ct_decompress(ck.quantization_config, up, out).float().T + orig[f"{up}.bias"].float()
-        assert (got - want).norm() <= 2**-6 * want.norm(), up
+        module, s = f"{layer}.{producer}", orig[f"{layer}.mlp.down_proj.pre_quant_scale"].float()
+        s = torch.cat([torch.ones(rows - s.shape[0]), s])  # the reader's rows are the last (Phi3MLP: gate, up = chunk(2))
+        want = (x @ modelopt_weight("W4A16_AWQ", orig, module).float().T + orig[f"{module}.bias"].float()) * s
+        got = x @ ct_decompress(ck.quantization_config, module, out).float().T + out[f"{module}.bias"].float()
+        unscaled = x @ ct_decompress(ck.quantization_config, module, out).float().T + orig[f"{module}.bias"].float()
+        assert (got - want).norm() <= 2**-6 * want.norm(), module
         assert (unscaled - want).norm() > 2**-6 * want.norm(), "the check cannot tell an unscaled bias"
 
 
