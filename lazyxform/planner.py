@@ -18,7 +18,7 @@ from .modelopt import ModelOptConfig, fnmatch_regex_source
 from .plan import ModulePlan, Plan, Rule, coalesce
 from .prequant import PQS, plan_pre_quant
 from .recipes import RECIPES, Module, Recipe, Target, recipe_for
-from .recipes.base import Args, describe_target
+from .recipes.base import Args, RowFactor, describe_target
 from .recipes.kv import KV_SCALE, kv_cache_args, kv_scale_rules
 from .shards import TensorInfo
 from .topology import Topology, topology_of
@@ -100,6 +100,7 @@ def plan_and_config(
     )
     if dense.warning:
         plan.warnings.append(dense.warning)
+    plan.warnings += pre.warnings
     ignore = _ignore_list(cfg, quantized, tensors) + sorted(dense.modules)
 
     def config() -> dict[str, Any]:
@@ -114,12 +115,12 @@ def _declared(
     members: Iterable[Module],
     reads: Iterable[str],
     writes: Iterable[str],
-    row_factor: str | None = None,
+    row_factor: RowFactor | None = None,
 ) -> list[Rule]:
     """`rules`, after checking that they read and write only what `recipe` declares (a recipe bug
     otherwise: a tensor read twice or written unannounced would reach the engine wrong)."""
     members = list(members)
-    allowed_in = {m.source(s) for m in members for s in reads} | ({row_factor} if row_factor else set())
+    allowed_in = {m.source(s) for m in members for s in reads} | ({row_factor.name} if row_factor else set())
     allowed_out = {m.key(s) for m in members for s in writes}
     for rule in rules:
         undeclared = sorted((set(rule.inputs) - allowed_in) | (set(rule.outputs) - allowed_out))

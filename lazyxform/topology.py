@@ -31,6 +31,9 @@ class Topology:
     # only when every query head has its own KV head (the planner finds that in the sizes) and the
     # KV cache is not quantized (a per-tensor v_scale cannot absorb row factors).
     through_attention: frozenset[str] = frozenset()
+    # Producers the checkpoint stores fused: leaf -> how many equal row blocks its output stacks (gate|up:
+    # 2; q|k|v: 3, equal only when every query head has its own KV head). Its consumer reads the last.
+    stacked_rows: dict[str, int] = field(default_factory=dict)
 
     def fused_family(self, leaf: str) -> tuple[str, ...]:
         """The leaves fused with `leaf`, itself included (a set of one when it is fused with none)."""
@@ -51,14 +54,17 @@ LLAMA = Topology(
     through_attention=frozenset({"o_proj"}),
 )
 # Phi-3 stores q/k/v and gate/up pre-fused (`qkv_proj`, `gate_up_proj`): each is a fused set of one,
-# fed by a Llama-style norm. down_proj's input is the up HALF of gate_up_proj's rows, and o_proj's the
-# v rows of qkv_proj: no whole-module row producer, so those scales stay at run time.
+# fed by a Llama-style norm. down_proj's input is act(gate) * up, linear in the up half (the second)
+# of gate_up_proj's rows; o_proj's is attention's output, linear in the v rows (the last) of qkv_proj.
 PHI3 = Topology(
     norm_consumers={
         "input_layernorm": ("self_attn", ("qkv_proj",)),
         "post_attention_layernorm": ("mlp", ("gate_up_proj",)),
     },
     mlp_leaves=frozenset({"gate_up_proj", "down_proj"}),
+    row_producers={"down_proj": "gate_up_proj", "o_proj": "qkv_proj"},
+    through_attention=frozenset({"o_proj"}),
+    stacked_rows={"gate_up_proj": 2, "qkv_proj": 3},
 )
 # Gemma's RMSNorm multiplies by (1 + weight): a fold would store (1 + w) * s - 1 in the model dtype,
 # whose rounding error is relative to |(1 + w) * s - 1|, unbounded against the effective (1 + w) * s

@@ -59,7 +59,9 @@ BUGS = (
     # prequant.py and topology.py
     Bug("prequant: norm fold divides", "lazyxform/prequant.py", "return {norm_w: (g.float() * shared.float()).to(g.dtype)}", "return {norm_w: (g.float() / shared.float()).to(g.dtype)}"),
     Bug("prequant: o_proj folds into v_proj over a quantized KV cache", "lazyxform/prequant.py", "if leaf not in topology.row_producers or (leaf in topology.through_attention and kv_algo is not None):", "if leaf not in topology.row_producers:"),
-    Bug("prequant: bias of a row-scaled producer not scaled", "lazyxform/prequant.py", "return {bias: (b.float() * t[factor].float()).to(b.dtype)}", "return {bias: b}"),
+    Bug("prequant: bias of a row-scaled producer not scaled", "lazyxform/prequant.py", "return {bias: row_scaled(t[bias], t[factor.name], factor.first_row)}", "return {bias: t[bias]}"),
+    Bug("prequant: a stored-fused producer's factor on its first rows", "lazyxform/recipes/base.py", "torch.cat([factor.new_ones(first_row), factor])", "torch.cat([factor, factor.new_ones(first_row)])"),
+    Bug("prequant: ModelOpt's defective norm fold not warned about", "lazyxform/prequant.py", "if not stripped or not any(name in with_pqs for name in awq):", "if True:"),
     Bug("topology: a router does not stop the MLP norm fold", "lazyxform/prequant.py", "if parent == \"mlp\" and _mlp_has_other_consumers(layer, tensors, topology.mlp_leaves):", "if False:"),
 )
 

@@ -207,14 +207,24 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) 
     assert worst <= 0, f"{what}: exceeds rel {rel} by {worst:.3g} (max abs diff {float((got.double() - want.double()).abs().max()):.3g})"
 
 
+# Producer leaf -> the module reading its output rows. Phi-3's stored gate_up_proj and qkv_proj: the
+# reader's input is their last rows (transformers' Phi3MLP: gate, up = chunk(2); Phi3Attention: q, k, v
+# in that order).
+ROW_CONSUMER = {"up_proj": "down_proj", "w3": "w2", "v_proj": "o_proj", "gate_up_proj": "down_proj", "qkv_proj": "o_proj"}
+
+
 def folded_row_factor(module: str, orig: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The pre_quant_scale of the module reading this module's output rows, when the stream no
-    longer carries it and that module is still quantized: folded into these rows."""
+    longer carries it and that module is still quantized: folded into these rows. [out]: 1 for
+    the rows it does not read."""
     parent, _, leaf = module.rpartition(".")  # lm_head has no parent
-    consumer = {"up_proj": "down_proj", "w3": "w2", "v_proj": "o_proj"}.get(leaf)
+    consumer = ROW_CONSUMER.get(leaf)
     key = f"{parent}.{consumer}.pre_quant_scale"
     folded = consumer and key in orig and key not in out and f"{parent}.{consumer}.weight_scale" in out
-    return orig[key] if folded else None
+    if not folded:
+        return None
+    rows = orig[f"{module}.weight_scale"].shape[0]
+    return torch.cat([torch.ones(rows - orig[key].shape[0], dtype=orig[key].dtype), orig[key]])
 
 
 def check_stored_bits(algo: str, orig: dict, out: dict, module: str, factor: torch.Tensor | None) -> None:

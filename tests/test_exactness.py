@@ -26,9 +26,10 @@ def case(request):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ck = lazyxform.open(path, device="cpu")
-    # Only a format without a compressed-tensors scheme is dequantized, and that says so.
+    # Only a format without a compressed-tensors scheme is dequantized, and that says so; the only
+    # other warning is about ModelOpt's defective norm folds (tests/test_prequant.py).
     warned = any(issubclass(w.category, lazyxform.LazyxformWarning) for w in caught)
-    assert warned == (row.target.format == "dense")
+    assert warned == (row.target.format == "dense" or bool(row.defective_norm_folds))
     return name, row, ck, load_tensors(path), dict(ck)
 
 

@@ -4,6 +4,9 @@ engine (Checkpoint.runtime_pre_quant_scale). Which fold or stay in each fixture:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 from algos import FIXTURE_TABLE, NORM_FOLD_BOUND, O_PROJ, SERVED, layers
@@ -78,29 +81,43 @@ def test_smoothquant_folds_keep_the_effective_linear_maps():
     assert ck.plan.runtime_pre_quant_scale == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
 
 
-# AWQ fixtures whose down_proj pre_quant_scale folds into up_proj's INT4 group scales.
+# AWQ fixtures whose down_proj pre_quant_scale folds into up_proj's INT4 group scales (Phi-3: into the
+# up half of its stored gate_up_proj's).
 DOWN_INTO_UP = sorted(f for f, row in FIXTURE_TABLE.items() if row.target.family == "int4" and set(layers("mlp.down_proj")) <= set(row.folded_pqs))
+
+
+def gate_and_up(decode: Callable[[str], torch.Tensor], mlp: str, model_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up weights of an MLP; Phi-3 stores them as one gate_up_proj, gate rows first
+    (transformers' Phi3MLP: gate, up = gate_up_proj(x).chunk(2))."""
+    if model_type == "phi3":
+        gate, up = decode(f"{mlp}.gate_up_proj").chunk(2)
+        return gate, up
+    return decode(f"{mlp}.gate_proj"), decode(f"{mlp}.up_proj")
 
 
 @pytest.mark.parametrize("fixture", DOWN_INTO_UP)
 def test_mlp_with_down_proj_scale_folded_into_up_proj_rows(fixture):
     """down((silu(x G^T) * x U^T) * pqs) against the rewritten down(silu(x G'^T) * x U'^T). The
-    elementwise bounds are the guarantee; this checks the factor sits where it belongs: the
-    rounding leaves ~2^-8 of the output norm, a missing fold (pqs 0.86-1.16 here) ~5%."""
+    elementwise bounds are the guarantee; this checks the factor sits where it belongs, in up's rows:
+    the rounding leaves ~2^-8 of the output norm, the factor (pqs 0.86-1.16 here) missing ~5%, in
+    gate's rows instead 1.2-1.5%."""
     path = FIXTURES / fixture
     ck = lazyxform.open(path, device="cpu")
-    orig, out, algo, qc = load_tensors(path), dict(ck), FIXTURE_TABLE[fixture].algo, ck.quantization_config
+    orig, out, row, qc = load_tensors(path), dict(ck), FIXTURE_TABLE[fixture], ck.quantization_config
     x = torch.randn(32, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     silu = torch.nn.functional.silu
     for layer in ("model.layers.0.mlp", "model.layers.1.mlp"):
         pqs = orig[f"{layer}.down_proj.pre_quant_scale"].double()
-        g_w, u_w, d_w = (modelopt_weight(algo, orig, f"{layer}.{p}") for p in ("gate_proj", "up_proj", "down_proj"))
-        g_c, u_c, d_c = (ct_decompress(qc, f"{layer}.{p}", out).double() for p in ("gate_proj", "up_proj", "down_proj"))
+        g_w, u_w = gate_and_up(lambda m: modelopt_weight(row.algo, orig, m), layer, row.model_type)
+        g_c, u_c = gate_and_up(lambda m: ct_decompress(qc, m, out).double(), layer, row.model_type)
+        d_w, d_c = modelopt_weight(row.algo, orig, f"{layer}.down_proj"), ct_decompress(qc, f"{layer}.down_proj", out).double()
         want = (silu(x @ g_w.T) * (x @ u_w.T) * pqs) @ d_w.T
         got = (silu(x @ g_c.T) * (x @ u_c.T)) @ d_c.T
+        assert (got - want).norm() <= 2**-7 * want.norm(), layer
         unfolded = (silu(x @ g_c.T) * (x @ u_w.T)) @ d_c.T
-        assert (got - want).norm() <= 2**-6 * want.norm(), layer
-        assert (unfolded - want).norm() > 2**-6 * want.norm(), "the check cannot tell a missing fold"
+        in_gate = (silu(x @ (g_w * pqs[:, None]).T) * (x @ u_w.T)) @ d_c.T
+        for wrong in (unfolded, in_gate):
+            assert (wrong - want).norm() > 2**-7 * want.norm(), "the check cannot tell a missing or misplaced fold"
 
 
 # Fixtures with Llama's attention (q/k/v_proj) keeping o_proj's scale under GQA; made MHA, it folds
@@ -132,6 +149,65 @@ def test_o_proj_scale_folds_into_v_proj_rows_only_where_row_scales_absorb_it(tmp
         factor = folded_row_factor(f"{layer}.self_attn.v_proj", orig, out)
         assert (factor is not None) == folds
         check_module(row.algo, orig, out, ck.quantization_config, f"{layer}.self_attn.v_proj", factor)
+
+
+def phi3_made_mha(tmp_path, kv: str | None) -> Path:
+    """phi3_int4_awq with every query head its own KV head: qkv_proj's k and v rows are copies of its
+    q rows (int4 rows are packed in pairs, q's 256 rows are 128 whole bytes), optionally with a
+    quantized KV cache in the config."""
+    ckpt = copy_fixture("phi3_int4_awq", tmp_path)
+    edit_json(ckpt / "config.json", lambda c: c.update(num_key_value_heads=c["num_attention_heads"]))
+    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"].update(kv_cache_quant_algo=kv))
+
+    def q_rows_thrice(t):
+        for layer in ("model.layers.0", "model.layers.1"):
+            qkv = f"{layer}.self_attn.qkv_proj"
+            t[f"{qkv}.weight"] = t[f"{qkv}.weight"][:128].repeat(3, 1)
+            t[f"{qkv}.weight_scale"] = t[f"{qkv}.weight_scale"][:256].repeat(3, 1)
+
+    rewrite_tensors(ckpt, q_rows_thrice)
+    return ckpt
+
+
+def attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention's output over the rows of a stored q|k|v projection, q, k, v in that order
+    (transformers' Phi3Attention), before o_proj: softmax(q k^T / sqrt(d)) v per head."""
+    q, k, v = (part.unflatten(-1, (heads, -1)).transpose(0, 1) for part in qkv.chunk(3, dim=-1))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return (weights @ v).transpose(0, 1).flatten(1)
+
+
+def test_o_proj_scale_folds_into_the_v_rows_of_phi3_qkv_proj_when_mha(tmp_path):
+    """Made MHA: o_proj's pre_quant_scale goes into the v rows of the stored qkv_proj. o_proj(attn(x) *
+    pqs) against the rewritten o_proj(attn(x)), ModelOpt's weights against compressed-tensors'; the
+    factor missing or on the q rows instead is outside the bound."""
+    ckpt = phi3_made_mha(tmp_path, kv=None)
+    ck = lazyxform.open(ckpt, device="cpu")
+    orig, out, qc = load_tensors(ckpt), dict(ck), ck.quantization_config
+    assert ck.runtime_pre_quant_scale == []
+    x = torch.randn(12, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for layer in ("model.layers.0.self_attn", "model.layers.1.self_attn"):
+        check_module("W4A16_AWQ", orig, out, qc, f"{layer}.qkv_proj", folded_row_factor(f"{layer}.qkv_proj", orig, out))
+        pqs = orig[f"{layer}.o_proj.pre_quant_scale"].double()
+        qkv_w, o_w = (modelopt_weight("W4A16_AWQ", orig, f"{layer}.{p}") for p in ("qkv_proj", "o_proj"))
+        qkv_c, o_c = (ct_decompress(qc, f"{layer}.{p}", out).double() for p in ("qkv_proj", "o_proj"))
+        want = (attention(x @ qkv_w.T, 4) * pqs) @ o_w.T
+        got = attention(x @ qkv_c.T, 4) @ o_c.T
+        assert (got - want).norm() <= 2**-7 * want.norm(), layer
+        in_q = torch.cat([qkv_w[:256] * pqs[:, None], qkv_w[256:]])
+        for wrong in (attention(x @ qkv_w.T, 4) @ o_c.T, attention(x @ in_q.T, 4) @ o_c.T):
+            assert (wrong - want).norm() > 2**-7 * want.norm(), "the check cannot tell a missing or misplaced fold"
+
+
+def test_phi3_o_proj_scale_stays_at_run_time_over_a_quantized_kv_cache(tmp_path):
+    """Made MHA as above, with an FP8 KV cache: the per-tensor v_scale cannot carry row factors."""
+    ckpt = phi3_made_mha(tmp_path, kv="FP8")
+    ck = lazyxform.open(ckpt, device="cpu")
+    orig, out = load_tensors(ckpt), dict(ck)
+    assert ck.runtime_pre_quant_scale == list(O_PROJ)
+    for layer in ("model.layers.0", "model.layers.1"):
+        assert folded_row_factor(f"{layer}.self_attn.qkv_proj", orig, out) is None
+        check_module("W4A16_AWQ", orig, out, ck.quantization_config, f"{layer}.self_attn.qkv_proj")
 
 
 def add_gate_up_pre_quant_scale(t: dict[str, torch.Tensor]) -> None:
@@ -186,21 +262,24 @@ def test_o_proj_scale_stays_at_run_time_over_a_quantized_kv_cache(tmp_path):
         check_module("W4A16_AWQ", orig, out, ck.quantization_config, f"{layer}.self_attn.v_proj")
 
 
-def test_a_bias_on_the_row_producer_is_scaled_with_its_rows(tmp_path):
-    """int4_awq with a bias on up_proj: down_proj's scale folds into up_proj's rows, so up_proj's
-    output must be (x W^T + b) * s, bias included (the effective map, not the formula's pieces)."""
-    ckpt = copy_fixture("int4_awq", tmp_path)
-    biases = {f"{layer}.mlp.up_proj.bias": torch.randn(512, generator=torch.Generator().manual_seed(i)).bfloat16() for i, layer in enumerate(("model.layers.0", "model.layers.1"))}
+@pytest.mark.parametrize(("fixture", "producer", "rows"), [("int4_awq", "mlp.up_proj", 512), ("phi3_int4_awq", "mlp.gate_up_proj", 1024)])
+def test_a_bias_on_the_row_producer_is_scaled_with_its_rows(tmp_path, fixture, producer, rows):
+    """A bias on the producer of down_proj's input: down_proj's scale folds into those rows (Phi-3:
+    gate_up_proj's up half), so their output must be (x W^T + b) * s, bias included, and the other
+    rows x W^T + b (the effective map, not the formula's pieces)."""
+    ckpt = copy_fixture(fixture, tmp_path)
+    biases = {f"{layer}.{producer}.bias": torch.randn(rows, generator=torch.Generator().manual_seed(i)).bfloat16() for i, layer in enumerate(("model.layers.0", "model.layers.1"))}
     rewrite_tensors(ckpt, lambda t: t.update(biases))
     ck = lazyxform.open(ckpt, device="cpu")
     orig, out = load_tensors(ckpt), dict(ck)
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(7))
     for layer in ("model.layers.0", "model.layers.1"):
-        up, s = f"{layer}.mlp.up_proj", orig[f"{layer}.mlp.down_proj.pre_quant_scale"].float()
-        want = (x @ modelopt_weight("W4A16_AWQ", orig, up).float().T + orig[f"{up}.bias"].float()) * s
-        got = x @ ct_decompress(ck.quantization_config, up, out).float().T + out[f"{up}.bias"].float()
-        unscaled = x @ ct_decompress(ck.quantization_config, up, out).float().T + orig[f"{up}.bias"].float()
-        assert (got - want).norm() <= 2**-6 * want.norm(), up
+        module, s = f"{layer}.{producer}", orig[f"{layer}.mlp.down_proj.pre_quant_scale"].float()
+        s = torch.cat([torch.ones(rows - s.shape[0]), s])  # the reader's rows are the last (Phi3MLP: gate, up = chunk(2))
+        want = (x @ modelopt_weight("W4A16_AWQ", orig, module).float().T + orig[f"{module}.bias"].float()) * s
+        got = x @ ct_decompress(ck.quantization_config, module, out).float().T + out[f"{module}.bias"].float()
+        unscaled = x @ ct_decompress(ck.quantization_config, module, out).float().T + orig[f"{module}.bias"].float()
+        assert (got - want).norm() <= 2**-6 * want.norm(), module
         assert (unscaled - want).norm() > 2**-6 * want.norm(), "the check cannot tell an unscaled bias"
 
 
@@ -249,3 +328,34 @@ def test_norms_that_cannot_absorb_a_scale_pass_through(fixture, norms):
         layer, mlp = norm.rsplit(".", 1)[0], "mlp.experts.0" if FIXTURE_TABLE[fixture].moe else "mlp"
         fed = "self_attn.q_proj" if norm.endswith("input_layernorm") else f"{mlp}.gate_proj"
         assert f"{layer}.{fed}" in ck.plan.runtime_pre_quant_scale, norm
+
+
+@pytest.mark.filterwarnings("ignore::lazyxform.LazyxformWarning")  # NVFP4_SVD is dequantized
+@pytest.mark.parametrize("fixture", SERVED)
+def test_a_scale_modelopt_folded_into_a_norm_that_others_read_is_warned_about(fixture):
+    """ModelOpt 0.47 folded deepseek_v3_int4_awq's shared-expert gate/up scale into a MoE layer's
+    post-attention norm, which the router and routed experts also read: one plan warning per such
+    norm, naming it, the stripped modules and the other readers; none for any other fixture (Llama,
+    Qwen3-MoE and DeepSeek FP8 included)."""
+    ck = lazyxform.open(FIXTURES / fixture, device="cpu")
+    warned = [w for w in ck.plan.warnings if "_fuse_shared_input_modules" in w]
+    norms = FIXTURE_TABLE[fixture].defective_norm_folds
+    assert len(warned) == len(norms)
+    for norm, warning in zip(norms, warned, strict=True):
+        layer = norm.rsplit(".", 1)[0]
+        assert f"{norm}.weight, which also feeds {layer}.mlp.experts, {layer}.mlp.gate:" in warning, warning
+        assert warning.startswith(f"{layer}.mlp.shared_experts.gate_proj, {layer}.mlp.shared_experts.up_proj: AWQ modules without"), warning
+
+
+def test_the_defective_norm_fold_warning_keys_on_the_missing_scale(tmp_path):
+    """deepseek_v3_int4_awq warns on open (LazyxformWarning); the same checkpoint with its shared
+    experts' gate/up scales in place (as ModelOpt would have left them, had it not folded) does not."""
+    with pytest.warns(lazyxform.LazyxformWarning, match=r"folded their scale into model\.layers\.1\.post_attention_layernorm\.weight.*re-export"):
+        lazyxform.open(FIXTURES / "deepseek_v3_int4_awq", device="cpu")
+    ckpt = copy_fixture("deepseek_v3_int4_awq", tmp_path)
+    shared = "model.layers.1.mlp.shared_experts"
+    pqs = torch.linspace(0.8, 1.2, 256).to(torch.bfloat16)
+    rewrite_tensors(ckpt, lambda t: t.update({f"{shared}.{p}.pre_quant_scale": pqs.clone() for p in ("gate_proj", "up_proj")}))
+    ck = lazyxform.open(ckpt, device="cpu")
+    assert ck.plan.warnings == []
+    assert {f"{shared}.gate_proj", f"{shared}.up_proj"} <= set(ck.runtime_pre_quant_scale)

@@ -31,6 +31,16 @@ PQS = "pre_quant_scale"  # AWQ / SmoothQuant / SVDQuant activation multiplier, [
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+@dataclass(frozen=True)
+class RowFactor:
+    """A consumer's `pre_quant_scale` [n] to multiply into rows first_row .. first_row + n - 1 of a
+    producer's per-row scales: the rows that are the consumer's input (all of them, or the up half of
+    a stored gate|up, the v rows of a stored q|k|v)."""
+
+    name: str
+    first_row: int = 0
+
+
 @dataclass
 class Module:
     """One quantized Linear as the checkpoint stores it: `tensors` maps suffix -> header entry."""
@@ -180,8 +190,8 @@ class Recipe:
             shape[self.nibble_dim] *= 2
         return shape[0], shape[1]
 
-    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
-        """Rules for the module's own tensors; `row_factor` names a [out] tensor to multiply into row scales."""
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
+        """Rules for the module's own tensors; `row_factor`: a consumer's scale to multiply into row scales."""
         raise NotImplementedError
 
     def dense_rules(self, m: Module) -> list[Rule]:
@@ -284,11 +294,10 @@ def check_equal(names: Sequence[str], t: Tensors, what: str) -> torch.Tensor:
     return first
 
 
-def row_scaled(scale: torch.Tensor, row_factor: torch.Tensor | None) -> torch.Tensor:
-    """Multiply per-row scales [out, ...] by a per-row factor [out], in fp32."""
-    if row_factor is None:
-        return scale
-    factor = row_factor.float().reshape(-1, *([1] * (scale.dim() - 1)))
+def row_scaled(scale: torch.Tensor, factor: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """Per-row scales (or a bias) [out, ...] with rows first_row.. multiplied by `factor`, in fp32;
+    the rows before it are times 1, exactly."""
+    factor = torch.cat([factor.new_ones(first_row), factor]).float().reshape(-1, *([1] * (scale.dim() - 1)))
     return (scale.float() * factor).to(scale.dtype)
 
 
@@ -323,23 +332,25 @@ def scale_rule(
     dst: str,
     layout: Callable[[torch.Tensor], torch.Tensor],
     dtype: torch.dtype = torch.float32,
-    row_factor: str | None = None,
+    row_factor: RowFactor | None = None,
 ) -> Rule:
     """A checked scale, re-laid out; an optional per-row factor is multiplied in fp32 before the one
     rounding into `dtype`."""
-    inputs = (src,) if row_factor is None else (src, row_factor)
+    inputs = (src,) if row_factor is None else (src, row_factor.name)
 
     def fn(t: Tensors) -> dict[str, torch.Tensor]:
         if row_factor is None:  # layouts only move values: no fp32 round trip (each is a kernel launch)
             value = t[src].to(dtype)
             check_scale(src, value)  # after the rounding: also refuses a scale that `dtype` cannot hold
             return {dst: layout(value)}
+        factor = t[row_factor.name]
         check_scale(src, t[src])
-        check_scale(row_factor, t[row_factor])
-        return {dst: row_scaled(layout(t[src].float()), t[row_factor]).to(dtype)}
+        check_scale(row_factor.name, factor)
+        return {dst: row_scaled(layout(t[src].float()), factor, row_factor.first_row).to(dtype)}
 
     if row_factor is not None:
-        return Rule(f"{label}, rows x {row_factor}", inputs, (dst,), fn)
+        rows = f"rows {row_factor.first_row}.." if row_factor.first_row else "rows"
+        return Rule(f"{label}, {rows} x {row_factor.name}", inputs, (dst,), fn)
     return Rule(label, inputs, (dst,), fn, converted_together(dtype))
 
 

@@ -26,6 +26,7 @@ from .base import (
     PQS,
     Module,
     Recipe,
+    RowFactor,
     Target,
     block_count,
     check_equal,
@@ -115,7 +116,7 @@ class Nvfp4Recipe(Recipe):
         expect(m.info("weight_scale"), (FP8,), (out, block_count(m, inp, block)))
         return block
 
-    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
         parts = self.expect_weight(m) // CT_BLOCK
         scale = m.key("weight_scale")
         if parts == 1:

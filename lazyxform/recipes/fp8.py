@@ -11,7 +11,7 @@ import torch
 
 from ..modelopt import AlgoConfig
 from ..plan import Rule
-from .base import Args, Module, Recipe, Target, expect, passthrough, scale_rule
+from .base import Args, Module, Recipe, RowFactor, Target, expect, passthrough, scale_rule
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -33,7 +33,7 @@ class Fp8PerTensorRecipe(Recipe):
     def target(self, cfg: AlgoConfig) -> Target:
         return Target(fp8_args("tensor", False), fp8_args("tensor", False), "float-quantized")
 
-    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
         out, inp = self.weight_shape(m)
         expect(m.info("weight"), (FP8,), (out, inp))
         expect(m.info("weight_scale"), (torch.float32,), ())
@@ -52,7 +52,7 @@ class Fp8PerChannelRecipe(Recipe):
     def target(self, cfg: AlgoConfig) -> Target:
         return Target(fp8_args("channel", False), fp8_args("token", True), "float-quantized")
 
-    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
         out, inp = self.weight_shape(m)
         expect(m.info("weight"), (FP8,), (out, inp))
         expect(m.info("weight_scale"), (torch.float32,), (out,))
@@ -90,7 +90,7 @@ class Fp8BlockRecipe(Recipe):
             "float-quantized",
         )
 
-    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
         out, inp = self.weight_shape(m)
         ob, ib = -(-out // BLOCK), -(-inp // BLOCK)
         expect(m.info("weight"), (FP8,), (out, inp))

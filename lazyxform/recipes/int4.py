@@ -16,7 +16,7 @@ from ..modelopt import AlgoConfig
 from ..ops.int4 import int4_rows_to_ct_packed, int4_rows_to_ct_packed_many
 from ..ops.pack import shape_tensor, shape_tensors
 from ..plan import Rule, Tensors
-from .base import Args, Module, Recipe, Target, block_count, checked_and_dropped, expect, scale_rule
+from .base import Args, Module, Recipe, RowFactor, Target, block_count, checked_and_dropped, expect, scale_rule
 from .fp8 import fp8_args
 
 DEFAULT_GROUP = 128  # ModelOpt's INT4 block size when the config does not say
@@ -47,7 +47,7 @@ class Int4AwqRecipe(Recipe):
     def target(self, cfg: AlgoConfig) -> Target:
         return Target(int4_group_weights(cfg), None, "pack-quantized")
 
-    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
         out, inp = self.weight_shape(m)
         groups = block_count(m, inp, int4_group_weights(m.cfg).group_size)
         expect(m.info("weight"), (torch.uint8,), (out // 2, inp))
@@ -80,7 +80,7 @@ class W4A8AwqRecipe(Int4AwqRecipe):
     def target(self, cfg: AlgoConfig) -> Target:
         return Target(int4_group_weights(cfg), fp8_args("token", True), "pack-quantized")
 
-    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
         expect(m.info("weight_scale_2"), (torch.float32,), ())
         return [*super().rules(m, row_factor), checked_and_dropped(m.key("weight_scale_2"), "W = q * weight_scale does not use it")]
 

@@ -8,14 +8,14 @@ import torch
 from ..modelopt import AlgoConfig
 from ..ops.pack import pack_int32_cols, shape_tensor
 from ..plan import Rule, Tensors
-from .base import Args, Module, Recipe, Target, expect, passthrough, scale_rule
+from .base import Args, Module, Recipe, RowFactor, Target, expect, passthrough, scale_rule
 
 
 def int8_channel_weights() -> Args:
     return Args(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
 
 
-def per_row_scale(m: Module, out: int, row_factor: str | None, dtype: torch.dtype) -> Rule:
+def per_row_scale(m: Module, out: int, row_factor: RowFactor | None, dtype: torch.dtype) -> Rule:
     expect(m.info("weight_scale"), (torch.float32,), (out,))
     return scale_rule(
         "weight_scale: [out] -> [out, 1]" + (f" as {str(dtype).removeprefix('torch.')}" if dtype != torch.float32 else ""),
@@ -41,7 +41,7 @@ class Int8SmoothQuantRecipe(Recipe):
         activations = Args(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False)
         return Target(int8_channel_weights(), activations, "int-quantized")
 
-    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
         out, inp = self.weight_shape(m)
         expect(m.info("weight"), (torch.int8,), (out, inp))
         return [passthrough(m.key("weight")), per_row_scale(m, out, row_factor, torch.float32)]
@@ -58,7 +58,7 @@ class Int8WeightOnlyRecipe(Recipe):
     def target(self, cfg: AlgoConfig) -> Target:
         return Target(int8_channel_weights(), None, "pack-quantized")
 
-    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
         out, inp = self.weight_shape(m)
         expect(m.info("weight"), (torch.int8,), (out, inp))
         w, packed, shape = m.key("weight"), m.key("weight_packed"), m.key("weight_shape")

@@ -13,7 +13,7 @@ from ..checks import require
 from ..errors import BadScaleError, UnsupportedAlgoError
 from ..modelopt import AlgoConfig
 from ..plan import Rule, Tensors
-from .base import PRESETS, Module, Recipe, Target, block_count, expect, passthrough, preset_target, renamed
+from .base import PRESETS, Module, Recipe, RowFactor, Target, block_count, expect, passthrough, preset_target, renamed
 from .fp8 import FP8, fp8_args
 
 MX_BLOCK = 32
@@ -47,7 +47,7 @@ class Mxfp8Recipe(Recipe):
     def target(self, cfg: AlgoConfig) -> Target | None:
         return preset_target("MXFP8", "mxfp8-quantized")
 
-    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
         out, inp = self.weight_shape(m)
         expect(m.info("weight"), (FP8,), (out, inp))
         return [passthrough(m.key("weight")), e8m0_scale_rule(m, out, inp)]
@@ -63,7 +63,7 @@ class Mxfp4Recipe(Recipe):
     def target(self, cfg: AlgoConfig) -> Target | None:
         return preset_target("MXFP4", "mxfp4-pack-quantized")
 
-    def rules(self, m: Module, row_factor: str | None) -> list[Rule]:
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
         out, inp = self.weight_shape(m)
         expect(m.info("weight"), (torch.uint8,), (out, inp // 2))
         return [renamed(m.key("weight"), m.key("weight_packed")), e8m0_scale_rule(m, out, inp)]

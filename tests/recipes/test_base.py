@@ -87,16 +87,15 @@ def test_row_scaled_on_hand_worked_values():
 
 
 @settings(max_examples=100, deadline=None)
-@given(rows=st.integers(1, 64), groups=st.integers(1, 8), seed=st.integers(0, 2**31))
-def test_row_scaled_multiplies_each_row_once_in_fp32(rows, groups, seed):
-    """Each element is scale x its row's factor, correctly rounded to fp32 once: computed here
-    element by element in Python floats (binary64: the product of an fp32 and a bf16 value is
-    exact there) and rounded by struct."""
+@given(rows=st.integers(1, 64), first_row=st.integers(0, 64), groups=st.integers(1, 8), seed=st.integers(0, 2**31))
+def test_row_scaled_multiplies_each_row_once_in_fp32(rows, first_row, groups, seed):
+    """Each element of rows first_row.. is scale x its row's factor, correctly rounded to fp32 once:
+    computed here element by element in Python floats (binary64: the product of an fp32 and a bf16
+    value is exact there) and rounded by struct; the rows before first_row are unchanged."""
     g = torch.Generator().manual_seed(seed)
-    scale = torch.rand(rows, groups, generator=g) + 0.01
+    scale = torch.rand(first_row + rows, groups, generator=g) + 0.01
     factor = (torch.rand(rows, generator=g) + 0.5).to(torch.bfloat16)
-    got = row_scaled(scale, factor)
+    got = row_scaled(scale, factor, first_row)
     assert got.dtype == torch.float32 and got.shape == scale.shape
-    s, f = scale.tolist(), factor.float().tolist()
-    assert got.tolist() == [[f32(s[i][j] * f[i]) for j in range(groups)] for i in range(rows)]
-    assert row_scaled(scale, None) is scale
+    s, f = scale.tolist(), [1.0] * first_row + factor.float().tolist()
+    assert got.tolist() == [[f32(s[i][j] * f[i]) for j in range(groups)] for i in range(first_row + rows)]
