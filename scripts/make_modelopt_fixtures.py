@@ -196,9 +196,13 @@ def build_model(arch):
             # 512 + 64: the MLA latent size (576) of DeepSeek-V2/V3, the only one vLLM's CPU MLA
             # backends run (cpu_mla.py / amx_mla.py get_supported_head_sizes)
             kv_lora_rank=512,
+            # DeepSeek-V3's own head dims: on Hopper, CUDA vLLM's only MLA prefill backend
+            # (FlashAttention, v1/attention/backends/mla/prefill/flash_attn.py
+            # supports_mla_dimensions) accepts (nope, rope, v) = (128, 64, 128), (192, 64, 256),
+            # (64, 64, 128) or (256, 0, 256), and refuses the (64, 64, 64) used before
             qk_rope_head_dim=64,
-            qk_nope_head_dim=64,
-            v_head_dim=64,
+            qk_nope_head_dim=128,
+            v_head_dim=128,
             moe_intermediate_size=128,
             n_shared_experts=1,
             n_routed_experts=4,
