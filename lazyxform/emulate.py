@@ -1,12 +1,14 @@
 """Compressed-tensors layers computed in plain PyTorch, engine-neutral: the parameters a layer of a
-scheme holds, their exact float32 decoding, and the scheme's input quantizer.
+scheme holds (a linear layer's, or a fused-MoE layer's stacked per expert), their exact float32
+decoding, the scheme's input quantizer, and the linear and routed-experts computations.
 
-The engine integrations' portable CPU kernels (lazyxform_vllm.portable, lazyxform_sglang.portable)
+The engine integrations' portable CPU kernels (lazyxform_vllm.portable, lazyxform_sglang.schemes)
 build on this: the engine's loaders fill the compressed-tensors tensors, `decode` turns them into
 the real weight they encode (values times scales, the NVFP4 global scale divided first, so nothing
 is rounded), and `quantize_input` fake-quantizes activations as the scheme prescribes (static or
 dynamic; per tensor, token, group or block; NVFP4 and MX blocks as compressed-tensors computes
-them) before a float32 GEMM. Nothing here knows an engine.
+them) before a float32 GEMM. Nothing here imports an engine; the engines' fused-MoE layers share
+the few conventions used (`w13_`/`w2_` parameter names, a scale's kind in `quant_method`).
 """
 
 from __future__ import annotations

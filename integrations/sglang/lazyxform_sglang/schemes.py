@@ -153,20 +153,13 @@ class PortableMoEScheme(CompressedTensorsMoEScheme):
         self.scheme = scheme
         self.input_scaled = input_scaled  # the experts' gate/up keep a pre_quant_scale at run time
 
-    def create_weights(
-        self,
-        layer: torch.nn.Module,
-        num_experts: int,
-        hidden_size: int,
-        intermediate_size_per_partition: int,
-        params_dtype: torch.dtype,
-        with_bias: bool = False,
-        **extra_weight_attrs: Any,
-    ) -> None:
+    # weight_attrs: the expert weight_loader and other attributes SGLang's FusedMoE gives every parameter.
+    def create_weights(self, layer: torch.nn.Module, *, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
+                       params_dtype: torch.dtype, with_bias: bool = False, **weight_attrs: Any) -> None:  # fmt: skip
         if with_bias:
             raise NotImplementedError(f"{layer.layer_name}: lazyxform's portable fused-MoE kernel runs experts without bias")
         announce("fused-MoE", self.scheme)
-        register_experts(layer, self.scheme, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, extra_weight_attrs)
+        register_experts(layer, self.scheme, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, weight_attrs)
         if self.input_scaled:
             # NaN until loaded: an expert whose scale never arrives is caught after loading.
             scale = torch.nn.Parameter(torch.full((num_experts, hidden_size), torch.nan, dtype=params_dtype), requires_grad=False)
