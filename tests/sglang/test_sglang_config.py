@@ -266,3 +266,25 @@ def test_moe_experts_on_a_gpu(name: str, sm: str, monkeypatch) -> None:
             config.get_quant_method(stand_in(FusedMoE), prefix)
         return
     assert type(config.get_moe_scheme(stand_in(FusedMoE), prefix)).__name__ == SGLANG_MOE_SCHEME[FIXTURE_TABLE[name].algo][list(SM).index(sm)]
+
+
+def test_experts_whose_projections_differ_are_refused_by_name() -> None:
+    """SGLang runs an expert's gate, up and down in one fused-MoE scheme: a config giving down_proj
+    another one (here FP8 per channel, per token) is refused on a CPU, naming the layer and both."""
+    path = FIXTURES / "qwen3moe_fp8"
+    ck = lazyxform.open(path, device="cpu")
+    group = ck.quantization_config["config_groups"]["group_0"]
+    per_channel = {
+        **group,
+        "targets": ["re:.*down_proj"],
+        "weights": {**group["weights"], "strategy": "channel"},
+        "input_activations": {**group["input_activations"], "strategy": "token", "dynamic": True},
+    }
+    groups = {"down": per_channel, "group_0": group}
+    config = {**ck.quantization_config, "config_groups": groups, MARK: {"checkpoint": str(path)}, "packed_modules_mapping": {}}
+    prefix = "model.layers.0.mlp.experts"
+    with pytest.raises(
+        quant_config.UnsupportedSglangSchemeError,
+        match=rf"^{prefix}: SGLang 0\.5\.23 cannot run experts whose projections differ in scheme \(gate_proj: float-quantized: W float8 tensor, .*down_proj: float-quantized: W float8 channel",
+    ):
+        quant_config.LazyxformConfig.from_config(config).get_quant_method(stand_in(FusedMoE), prefix)
