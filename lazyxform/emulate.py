@@ -1,12 +1,14 @@
 """Compressed-tensors layers computed in plain PyTorch, engine-neutral: the parameters a layer of a
-scheme holds, their exact float32 decoding, and the scheme's input quantizer.
+scheme holds (a linear layer's, or a fused-MoE layer's stacked per expert), their exact float32
+decoding, the scheme's input quantizer, and the linear and routed-experts computations.
 
-The engine integrations' portable CPU kernels (lazyxform_vllm.portable, lazyxform_sglang.portable)
+The engine integrations' portable CPU kernels (lazyxform_vllm.portable, lazyxform_sglang.schemes)
 build on this: the engine's loaders fill the compressed-tensors tensors, `decode` turns them into
 the real weight they encode (values times scales, the NVFP4 global scale divided first, so nothing
 is rounded), and `quantize_input` fake-quantizes activations as the scheme prescribes (static or
 dynamic; per tensor, token, group or block; NVFP4 and MX blocks as compressed-tensors computes
-them) before a float32 GEMM. Nothing here knows an engine.
+them) before a float32 GEMM. Nothing here imports an engine; the engines' fused-MoE layers share
+the few conventions used (`w13_`/`w2_` parameter names, a scale's kind in `quant_method`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 
+from .errors import InconsistentScalesError, MissingTensorError, TensorMismatchError
 from .recipes.base import describe_args
 
 FP8 = torch.float8_e4m3fn
@@ -199,6 +202,103 @@ def linear(scheme: Scheme, layer: torch.nn.Module, x: torch.Tensor, bias: torch.
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# --- routed experts: each expert a gate/up and a down layer of the scheme ----------------------------
+
+
+# The kinds of scale a fused-MoE layer's expert loader places by the parameter's `quant_method`
+# attribute (FusedMoeWeightScaleSupported, the same four values in vLLM and SGLang).
+EXPERT_SCALE_KINDS = frozenset({"tensor", "channel", "group", "block"})
+
+
+def register_experts(
+    layer: torch.nn.Module,
+    scheme: Scheme,
+    num_experts: int,
+    hidden: int,
+    inter: int,
+    params_dtype: torch.dtype,
+    weight_attrs: dict[str, Any],
+) -> None:
+    """Register a fused-MoE layer's compressed-tensors tensors: each expert's `layout`, stacked over
+    its `num_experts` local experts, for w13 (gate rows then up rows, `inter` each, over `hidden`
+    inputs) and w2 (down), named `<w13|w2>_<tensor>` as the engines' expert loaders map checkpoint
+    names. Each parameter carries the engine's `weight_attrs` (its expert weight loader) and, for a
+    scale, its kind as `quant_method`. Notes what `decode_experts` reads."""
+    layer.portable_experts = {}
+    for stem, out_sizes, in_size in (("w13", [inter, inter], hidden), ("w2", [hidden], inter)):
+        params = layout(scheme, out_sizes, in_size, params_dtype)
+        for name, (kind, data, _) in params.items():
+            # One static input scale per expert, shared by gate and up: the engines load it so.
+            shape = () if name == "input_scale" else data.shape
+            param = torch.nn.Parameter(data.new_empty(num_experts, *shape), requires_grad=False)
+            for attr, value in {**weight_attrs, **({"quant_method": kind} if kind in EXPERT_SCALE_KINDS else {})}.items():
+                setattr(param, attr, value)
+            layer.register_parameter(f"{stem}_{name}", param)
+        layer.portable_experts[stem] = (list(params), out_sizes)
+
+
+def decode_experts(scheme: Scheme, layer: torch.nn.Module) -> None:
+    """After loading: the experts' compressed-tensors parameters replaced by float32 `w13_weight` and
+    `w2_weight` [experts, O, I], each expert's input scales kept for `experts`."""
+    for stem, (names, out_sizes) in layer.portable_experts.items():
+        tensors = take(layer, [f"{stem}_{n}" for n in names])
+        count = len(tensors[f"{stem}_{names[0]}"])
+        weights, scales = zip(
+            *(decode(scheme, {n: tensors[f"{stem}_{n}"][e] for n in names}, out_sizes) for e in range(count)), strict=True
+        )
+        layer.register_parameter(f"{stem}_weight", torch.nn.Parameter(torch.stack(weights), requires_grad=False))
+        setattr(layer, f"portable_{stem}_input_scales", list(scales))
+
+
+def experts(
+    scheme: Scheme,
+    layer: torch.nn.Module,
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    pre_quant_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Routed SiLU experts after `decode_experts`: each token [T, H] through its experts (topk_ids
+    [T, k], local ids; a negative id routes to none), the scheme's input quantizer before both
+    projections, SiLU(gate) * up between them, weighted by topk_weights; float32, rounded once to x's
+    dtype. `pre_quant_scale` [experts, H]: each expert's own gate/up input scale, applied first."""
+    hidden = x.float()
+    out = torch.zeros_like(hidden)
+    for e in topk_ids.unique().tolist():
+        if e < 0:
+            continue
+        token, slot = torch.where(topk_ids == e)
+        x_e = hidden[token] if pre_quant_scale is None else hidden[token] * pre_quant_scale[e].float()
+        gate_up = F.linear(quantize_input(scheme, x_e, layer.portable_w13_input_scales[e]), layer.w13_weight[e])
+        gate, up = gate_up.chunk(2, dim=-1)
+        down_in = quantize_input(scheme, F.silu(gate) * up, layer.portable_w2_input_scales[e])
+        y = F.linear(down_in, layer.w2_weight[e])
+        out.index_add_(0, token, y * topk_weights[token, slot, None].float())
+    return out.to(x.dtype)
+
+
+def load_expert_input_scale(scales: torch.Tensor, local: int, loaded: torch.Tensor, layer_name: str, expert_id: int) -> None:
+    """Expert `expert_id`'s gate or up pre_quant_scale into row `local` of its MoE layer's [experts,
+    hidden] scales (NaN until loaded). Gate and up read the expert's one input, so they must be equal
+    (ModelOpt exports them so)."""
+    if loaded.shape != scales.shape[1:]:
+        raise TensorMismatchError(
+            f"{layer_name}: expert {expert_id}'s gate/up pre_quant_scale has shape {tuple(loaded.shape)}, expected {tuple(scales.shape[1:])}"
+        )
+    row = scales[local]
+    loaded = loaded.to(dtype=row.dtype, device=row.device)
+    if not torch.isnan(row).all() and not torch.equal(row, loaded):
+        raise InconsistentScalesError(f"{layer_name}: expert {expert_id}'s gate and up pre_quant_scale differ; the two projections read one input")
+    row.copy_(loaded)
+
+
+def require_expert_input_scales(scales: torch.Tensor, layer_name: str) -> None:
+    """After loading: every local expert of the layer got its gate/up pre_quant_scale."""
+    if torch.isnan(scales).any():
+        missing = sorted(set(torch.isnan(scales).any(dim=1).nonzero().flatten().tolist()))
+        raise MissingTensorError(f"{layer_name}: no gate/up pre_quant_scale was loaded for local experts {missing}")
 
 
 # --- activations: the scheme's input quantizer, fake-quantized in float32 ----------------------------

@@ -4,8 +4,13 @@ environment variable) and the quant_algo values it loads natively."""
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import Literal, get_args
+
+from .errors import LazyxformError
+from .modelopt import read_modelopt_config
 
 Route = Literal["auto", "all", "off"]
 ROUTES: tuple[str, ...] = get_args(Route)
@@ -29,3 +34,23 @@ def serves(algos: set[str], mode: Route, on_cpu: bool, native: frozenset[str]) -
     if mode != "auto":
         return mode == "all"
     return on_cpu or not algos <= native
+
+
+def served_algos(
+    directory: Path, mode: Route, on_cpu: bool, native: frozenset[str], logger: logging.Logger, engine: str
+) -> set[str] | None:
+    """The quant_algo values of the ModelOpt checkpoint in `directory` when lazyxform serves it
+    (`serves`), else None; logged on the engine's `logger`. A ModelOpt config lazyxform cannot read
+    is left to the engine (named `engine` in the warning), except under `all`, where the error stands."""
+    try:
+        algos = read_modelopt_config(directory)[0].algos()
+    except LazyxformError as e:
+        if mode == "all":
+            raise
+        # Unreadable to lazyxform is not necessarily unreadable to the engine.
+        logger.warning("lazyxform cannot read the ModelOpt config of %s, leaving it to %s: %s", directory, engine, e)
+        return None
+    if not serves(algos, mode, on_cpu, native):
+        return None
+    logger.info("lazyxform serves %s (ModelOpt %s) through compressed-tensors", directory, ", ".join(sorted(algos)))
+    return algos

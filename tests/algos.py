@@ -113,6 +113,13 @@ SGLANG_SCHEME: dict[str, tuple[str | None, str | None]] = {
     "NVFP4_SVD": ("dense", "dense"),
 }
 
+# SGLang 0.5.23's compressed-tensors fused-MoE scheme for each algo's experts on (SM 9.0, SM 10.0)
+# (CompressedTensorsConfig.get_moe_scheme), for the MoE fixtures' algos whose experts SGLang runs there.
+SGLANG_MOE_SCHEME: dict[str, tuple[str, str]] = {
+    "FP8": ("CompressedTensorsW8A8Fp8MoE",) * 2,
+    "NVFP4": ("CompressedTensorsW4A16Nvfp4MoE", "CompressedTensorsW4A4Nvfp4MoE"),
+}
+
 # Other names of an algo in ALGOS (same recipe, same output): the tests stream the canonical algo's
 # fixture with the alias written into a copy of its config (and fp8_block_scales_inv is one).
 ALIASES: dict[str, str] = {"FP8_BLOCK_SCALES": "FP8_PB_WO"}

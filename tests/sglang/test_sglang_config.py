@@ -1,24 +1,32 @@
 """The plugin on the installed SGLang, without an engine: it registers through the entry point and
-HookRegistry, presents every ModelOpt fixture to SGLang's own ModelConfig as compressed-tensors,
-routes as documented, and SGLang's compressed-tensors config accepts lazyxform's config and gives
-each layer the scheme its GPU path would run (scheme selection answered as on an SM 9.0 and an SM
-10.0 GPU), a run-time pre_quant_scale where lazyxform left one, or a refusal naming the layer."""
+HookRegistry, presents every ModelOpt fixture (Llama, Qwen3-MoE, Phi-3, Gemma 3, DeepSeek-V3) to
+SGLang's own ModelConfig as compressed-tensors, routes as documented, and SGLang's compressed-tensors
+config accepts lazyxform's config and gives each layer the scheme its GPU path would run (scheme
+selection answered as on an SM 9.0 and an SM 10.0 GPU), a run-time pre_quant_scale where lazyxform
+left one, or a refusal naming the layer; on a CPU, lazyxform's portable linear and fused-MoE schemes."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import sglang
 import torch
-from algos import ALIASES, FIXTURE_TABLE, SERVED, SGLANG_SCHEME
+from algos import ALIASES, FIXTURE_TABLE, SERVED, SGLANG_MOE_SCHEME, SGLANG_SCHEME
 from reference import FIXTURES, load_tensors, quantized_modules
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.layers.linear import LinearBase
 from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
-from sglang.srt.models.llama import LlamaForCausalLM
+from sglang.srt.layers.quantization.compressed_tensors.schemes import (
+    compressed_tensors_w4a4_nvfp4_moe as w4a4_nvfp4_moe,
+)
+from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead
+from sglang.srt.models.gemma3_causal import Gemma3ForCausalLM
+from sglang.srt.models.llama import LlamaForCausalLM, Phi3ForCausalLM
+from sglang.srt.models.qwen3_moe import Qwen3MoeForCausalLM
 from sglang.srt.plugins import load_plugins
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang_support import ROUTE_ENV
@@ -28,15 +36,37 @@ from lazyxform.routing import serves
 from lazyxform_sglang import compat, quant_config
 from lazyxform_sglang.config import MARK
 from lazyxform_sglang.routing import native_algos
-from lazyxform_sglang.schemes import PortableScheme, PreQuantScaleScheme
+from lazyxform_sglang.schemes import PortableMoEScheme, PortableScheme, PreQuantScaleScheme
 
-# SGLang's Llama and Qwen3-MoE models: the layer names below are theirs. Phi-3, Gemma 3 and DeepSeek
-# fixtures are not run on SGLang here (docs/sglang.md).
-FIXTURE_NAMES = [f for f in SERVED if FIXTURE_TABLE[f].model_type in ("llama", "qwen3_moe")]
+FIXTURE_NAMES = SERVED
+# SGLang's layers of each architecture (its model files' names) checked in decoder layer 0, plus the
+# head; DeepSeek-V3's layer 0 has a dense MLP, its experts are in layer 1.
 LLAMA_LAYERS = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
-QWEN3MOE_LAYERS = ["self_attn.qkv_proj", "self_attn.o_proj"]
+MLA_LAYERS = ["self_attn.fused_qkv_a_proj_with_mqa", "self_attn.q_b_proj", "self_attn.kv_b_proj", "self_attn.o_proj"]
+LAYERS = {
+    "llama": LLAMA_LAYERS,
+    "phi3": LLAMA_LAYERS,
+    "gemma3_text": LLAMA_LAYERS,
+    "qwen3_moe": ["self_attn.qkv_proj", "self_attn.o_proj"],
+    "deepseek_v3": [*MLA_LAYERS, "mlp.gate_up_proj", "mlp.down_proj"],
+}
+EXPERTS = {"qwen3_moe": "model.layers.0.mlp.experts", "deepseek_v3": "model.layers.1.mlp.experts"}
 SM = {"SM 9.0": (9, 0), "SM 10.0": (10, 0)}
-LLAMA_FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}  # llama.py's stacked_params_mapping
+# The packed_modules_mapping SGLang's loader passes to the quantization config: the model class's
+# (llama.py declares none), DeepseekV2ForCausalLM's set in __init__ for a q_lora_rank model.
+PACKED_MODULES_MAPPING = {
+    "llama": getattr(LlamaForCausalLM, "packed_modules_mapping", {}),
+    "phi3": getattr(Phi3ForCausalLM, "packed_modules_mapping", {}),
+    "gemma3_text": Gemma3ForCausalLM.packed_modules_mapping,
+    "qwen3_moe": Qwen3MoeForCausalLM.packed_modules_mapping,
+    "deepseek_v3": {"fused_qkv_a_proj_with_mqa": ["q_a_proj", "kv_a_proj_with_mqa"]},
+}
+# The checkpoint modules behind SGLang's fused layers (its models' stacked_params_mapping).
+PACKED = {
+    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+    "gate_up_proj": ["gate_proj", "up_proj"],
+    "fused_qkv_a_proj_with_mqa": ["q_a_proj", "kv_a_proj_with_mqa"],
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,9 +152,9 @@ def test_version_guard(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def lazyxform_config(path: Path) -> quant_config.LazyxformConfig:
-    """What SGLang's get_quant_config builds for a served Llama checkpoint, through the hook."""
+    """What SGLang's get_quant_config builds for a served checkpoint, through the hook."""
     ck = lazyxform.open(path, device="cpu")
-    packed = getattr(LlamaForCausalLM, "packed_modules_mapping", {})  # as SGLang's loader passes it
+    packed = PACKED_MODULES_MAPPING[ck.hf_config["model_type"]]
     config = {**ck.quantization_config, MARK: {"checkpoint": str(path)}, "packed_modules_mapping": packed}
     return quant_config.LazyxformConfig.from_config(config)
 
@@ -136,9 +166,20 @@ def stand_in(cls: type) -> torch.nn.Module:
     return layer
 
 
-def checkpoint_members(name: str, layer: str) -> list[str]:
-    parent, leaf = f"model.layers.0.{layer}".rsplit(".", 1)
-    return [f"{parent}.{m}" for m in LLAMA_FUSED.get(leaf, [leaf])]
+def checked_layers(name: str) -> list[tuple[str, type, list[str]]]:
+    """(SGLang prefix, layer class, checkpoint modules behind it) of the layers checked in a fixture:
+    the fused layers' members, or the layer itself where the checkpoint has it (Phi-3's pre-fused
+    qkv_proj and gate_up_proj)."""
+    tensors = load_tensors(FIXTURES / name)
+    layers = []
+    for layer in LAYERS[FIXTURE_TABLE[name].model_type]:
+        prefix = f"model.layers.0.{layer}"
+        parent, leaf = prefix.rsplit(".", 1)
+        fused = f"{prefix}.weight" not in tensors and leaf in PACKED
+        layers.append((prefix, LinearBase, [f"{parent}.{m}" for m in PACKED[leaf]] if fused else [prefix]))
+    if "lm_head.weight" in tensors:
+        layers.append(("lm_head", ParallelLMHead, ["lm_head"]))
+    return layers
 
 
 @pytest.mark.parametrize("sm", SM)
@@ -149,21 +190,19 @@ def test_every_layer_gets_sglangs_gpu_scheme(name: str, sm: str, monkeypatch) ->
     path = FIXTURES / name
     config = lazyxform_config(path)
     quantized = set(quantized_modules(load_tensors(path)))
-    runtime = set(lazyxform.open(path, device="cpu").plan.runtime_pre_quant_scale)
+    runtime = set(FIXTURE_TABLE[name].runtime_pqs)
     algo = FIXTURE_TABLE[name].algo
     expected = SGLANG_SCHEME[ALIASES.get(algo, algo)][list(SM).index(sm)]
-    for layer_name in QWEN3MOE_LAYERS if FIXTURE_TABLE[name].moe else LLAMA_LAYERS:
-        members = checkpoint_members(name, layer_name)
-        prefix = f"model.layers.0.{layer_name}"
-        layer = stand_in(LinearBase)
+    for prefix, cls, members in checked_layers(name):
+        layer = stand_in(cls)
         if not set(members) & quantized or expected == "dense":
-            assert type(config.get_quant_method(layer, prefix)).__name__ == "UnquantizedLinearMethod", prefix
+            assert type(config.get_quant_method(layer, prefix)).__name__ == ("UnquantizedLinearMethod" if cls is LinearBase else "NoneType"), prefix
             continue
         if expected is None:
             with pytest.raises(quant_config.UnsupportedSglangSchemeError, match=rf"^{prefix}: SGLang 0\.5\.23 cannot run linear layers of "):
                 config.get_quant_method(layer, prefix)
             continue
-        assert type(config.get_quant_method(layer, prefix)).__name__ == "CompressedTensorsLinearMethod"
+        assert type(config.get_quant_method(layer, prefix)).__name__ == "CompressedTensorsLinearMethod", prefix
         scheme = layer.scheme
         if set(members) <= runtime:
             assert isinstance(scheme, PreQuantScaleScheme), prefix
@@ -171,29 +210,81 @@ def test_every_layer_gets_sglangs_gpu_scheme(name: str, sm: str, monkeypatch) ->
         assert type(scheme).__name__ == expected, prefix
 
 
-def test_moe_experts(monkeypatch) -> None:
-    """qwen3moe_fp8's experts: SGLang's W8A8Fp8 MoE scheme on a GPU; on a CPU a refusal naming the
-    layer (no portable fused-MoE scheme for SGLang yet)."""
-    config = lazyxform_config(FIXTURES / "qwen3moe_fp8")
-    prefix = "model.layers.0.mlp.experts"
-    with pytest.raises(quant_config.UnsupportedSglangSchemeError, match=rf"^{prefix}: SGLang 0\.5\.23 cannot run quantized fused-MoE experts on a CPU"):
-        config.get_quant_method(stand_in(FusedMoE), prefix)
-    assert type(config.get_moe_scheme(stand_in(FusedMoE), prefix)).__name__ == "CompressedTensorsW8A8Fp8MoE"
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_cpu_layers_run_the_portable_schemes(name: str) -> None:
+    """On a CPU every quantized linear layer (the head included) gets lazyxform's portable scheme
+    inside SGLang's compressed-tensors linear method, wrapped where a pre_quant_scale runs at run
+    time; quantized experts get the portable fused-MoE scheme inside SGLang's compressed-tensors
+    fused-MoE method (tests/sglang/test_sglang_fixtures.py runs them)."""
+    path = FIXTURES / name
+    config = lazyxform_config(path)
+    quantized = set(quantized_modules(load_tensors(path)))
+    runtime = set(FIXTURE_TABLE[name].runtime_pqs)
+    for prefix, cls, members in checked_layers(name):
+        layer = stand_in(cls)
+        method = type(config.get_quant_method(layer, prefix)).__name__
+        if not set(members) & quantized or FIXTURE_TABLE[name].target.format == "dense":
+            assert method == ("UnquantizedLinearMethod" if cls is LinearBase else "NoneType"), prefix
+            continue
+        assert method == "CompressedTensorsLinearMethod", prefix
+        scheme = layer.scheme
+        if set(members) <= runtime:
+            assert isinstance(scheme, PreQuantScaleScheme), prefix
+            scheme = scheme.inner
+        assert isinstance(scheme, PortableScheme), prefix
+    if FIXTURE_TABLE[name].moe:
+        prefix = EXPERTS[FIXTURE_TABLE[name].model_type]
+        layer = stand_in(FusedMoE)
+        assert type(config.get_quant_method(layer, prefix)).__name__ == "CompressedTensorsFusedMoEMethod"
+        assert isinstance(layer.scheme, PortableMoEScheme)
+        assert layer.scheme.input_scaled == any(m.startswith(f"{prefix}.") for m in runtime), name
 
 
-def test_cpu_layers_run_the_portable_scheme() -> None:
-    """On a CPU every quantized linear layer gets lazyxform's portable scheme inside SGLang's
-    compressed-tensors linear method (the end-to-end tests run them)."""
-    config = lazyxform_config(FIXTURES / "int4_awq")
-    layer = stand_in(LinearBase)
-    assert type(config.get_quant_method(layer, "model.layers.0.self_attn.qkv_proj")).__name__ == "CompressedTensorsLinearMethod"
-    assert isinstance(layer.scheme, PortableScheme)
-    layer = stand_in(LinearBase)
-    config.get_quant_method(layer, "model.layers.0.self_attn.o_proj")
-    assert isinstance(layer.scheme, PreQuantScaleScheme) and isinstance(layer.scheme.inner, PortableScheme)
-    # MX input quantizers, which SGLang's scheme map drops for formats it has no GPU scheme for, are kept.
+def test_input_quantizers_kept_on_a_cpu() -> None:
+    """MX input quantizers, which SGLang's scheme map drops for formats it has no GPU scheme for, are
+    kept for the portable scheme."""
     for name, bits in (("mxfp4", 4), ("mxfp8", 8)):
         layer = stand_in(LinearBase)
         lazyxform_config(FIXTURES / name).get_quant_method(layer, "model.layers.0.mlp.down_proj")
         acts = layer.scheme.scheme.activations
         assert (acts.type, acts.num_bits, acts.group_size, acts.dynamic) == ("float", bits, 32, True), name
+
+
+@pytest.mark.parametrize("sm", SM)
+@pytest.mark.parametrize("name", [n for n in FIXTURE_NAMES if FIXTURE_TABLE[n].moe])
+def test_moe_experts_on_a_gpu(name: str, sm: str, monkeypatch) -> None:
+    """Experts on a GPU: SGLang's own fused-MoE scheme; experts that keep a gate/up pre_quant_scale are
+    refused by name (SGLang's fused-MoE kernels take no per-expert input scale)."""
+    monkeypatch.setattr(quant_config, "is_cpu", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: SM[sm])
+    # The W4A4 NVFP4 experts' constructor asks SGLang's platform whether it is a Blackwell (SM 10.x).
+    monkeypatch.setattr(w4a4_nvfp4_moe, "get_platform", lambda: SimpleNamespace(is_blackwell=SM[sm] >= (10, 0)))
+    prefix = EXPERTS[FIXTURE_TABLE[name].model_type]
+    config = lazyxform_config(FIXTURES / name)
+    if any(m.startswith(f"{prefix}.") for m in FIXTURE_TABLE[name].runtime_pqs):
+        with pytest.raises(quant_config.UnsupportedSglangSchemeError, match=rf"^{prefix}: SGLang 0\.5\.23 cannot run experts with a pre_quant_scale"):
+            config.get_quant_method(stand_in(FusedMoE), prefix)
+        return
+    assert type(config.get_moe_scheme(stand_in(FusedMoE), prefix)).__name__ == SGLANG_MOE_SCHEME[FIXTURE_TABLE[name].algo][list(SM).index(sm)]
+
+
+def test_experts_whose_projections_differ_are_refused_by_name() -> None:
+    """SGLang runs an expert's gate, up and down in one fused-MoE scheme: a config giving down_proj
+    another one (here FP8 per channel, per token) is refused on a CPU, naming the layer and both."""
+    path = FIXTURES / "qwen3moe_fp8"
+    ck = lazyxform.open(path, device="cpu")
+    group = ck.quantization_config["config_groups"]["group_0"]
+    per_channel = {
+        **group,
+        "targets": ["re:.*down_proj"],
+        "weights": {**group["weights"], "strategy": "channel"},
+        "input_activations": {**group["input_activations"], "strategy": "token", "dynamic": True},
+    }
+    groups = {"down": per_channel, "group_0": group}
+    config = {**ck.quantization_config, "config_groups": groups, MARK: {"checkpoint": str(path)}, "packed_modules_mapping": {}}
+    prefix = "model.layers.0.mlp.experts"
+    with pytest.raises(
+        quant_config.UnsupportedSglangSchemeError,
+        match=rf"^{prefix}: SGLang 0\.5\.23 cannot run experts whose projections differ in scheme \(gate_proj: float-quantized: W float8 tensor, .*down_proj: float-quantized: W float8 channel",
+    ):
+        quant_config.LazyxformConfig.from_config(config).get_quant_method(stand_in(FusedMoE), prefix)

@@ -39,7 +39,7 @@ def test_decoded_weights_are_the_checkpoints(name: str) -> None:
         scheme = scheme_of(ck.quantization_config, module)
         want = modelopt_weight(algo, orig, module).double()
         rows, cols = want.shape
-        names = portable.linear_parameters(scheme, [rows], cols, torch.bfloat16)
+        names = emulate.layout(scheme, [rows], cols, torch.bfloat16)
         got = emulate.decode_weight(scheme, {n: out[f"{module}.{n}"] for n in names}, [rows])
         assert got.dtype == torch.float32
         rel = FIXTURE_TABLE[name].target.decode_bound  # decoded in fp32: W8A16's scale is the only rounding

@@ -21,7 +21,7 @@ import sglang
 from sglang.srt.utils import is_cpu
 
 import lazyxform
-from lazyxform.routing import Route, route, serves
+from lazyxform.routing import route, served_algos
 
 from .routing import ROUTE_ENV, native_algos
 
@@ -44,26 +44,11 @@ def parse_quant_hf_config(original: Callable[[Any], dict | None], model_config: 
     if model_config.quantization not in COMPRESSED_TENSORS:
         logger.info("lazyxform: --quantization %s given for %s; left to SGLang", model_config.quantization, directory)
         return quant
-    if not served(directory, mode):
+    if served_algos(directory, mode, is_cpu(), native_algos(sglang.__version__), logger, "SGLang") is None:
         return quant
     presented = presented_config(directory)
     model_config.hf_config.quantization_config = presented
     return copy.deepcopy(presented)
-
-
-def served(directory: Path, mode: Route) -> bool:
-    try:
-        algos = lazyxform.read_modelopt_algos(directory)
-    except lazyxform.LazyxformError as e:
-        if mode == "all":
-            raise
-        # Unreadable to lazyxform is not necessarily unreadable to SGLang: leave it to SGLang.
-        logger.warning("lazyxform cannot read the ModelOpt config of %s, leaving it to SGLang: %s", directory, e)
-        return False
-    if not serves(algos, mode, is_cpu(), native_algos(sglang.__version__)):
-        return False
-    logger.info("lazyxform serves %s (ModelOpt %s) through compressed-tensors", directory, ", ".join(sorted(algos)))
-    return True
 
 
 def presented_config(directory: Path) -> dict[str, Any]:

@@ -15,16 +15,19 @@ from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 from sglang.srt.layers.quantization.base_config import QuantizeMethodBase
 from sglang.srt.layers.quantization.compressed_tensors.compressed_tensors import (
     CompressedTensorsConfig,
+    CompressedTensorsFusedMoEMethod,
     CompressedTensorsLinearMethod,
 )
+from sglang.srt.layers.quantization.compressed_tensors.utils import check_equal_or_regex_match
 from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead
 from sglang.srt.utils import is_cpu
 
 import lazyxform
 from lazyxform.emulate import Scheme
 
 from .config import MARK
-from .schemes import PortableScheme, PreQuantScaleScheme
+from .schemes import PortableMoEScheme, PortableScheme, PreQuantScaleScheme
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class UnsupportedSglangSchemeError(lazyxform.UnsupportedAlgoError):
 class LazyxformConfig(CompressedTensorsConfig):
     checkpoint_dir: str
     algos: str  # the checkpoint's ModelOpt quant_algo values, for messages
+    checkpoint_modules: frozenset[str]  # names of the checkpoint's quantized modules
     # Checkpoint names of the modules whose input is scaled at run time.
     runtime_pre_quant_scale: frozenset[str]
 
@@ -51,6 +55,7 @@ class LazyxformConfig(CompressedTensorsConfig):
         ck = lazyxform.open(directory, device="cpu")  # configs and headers only
         quant_config.checkpoint_dir = directory
         quant_config.algos = ", ".join(sorted(lazyxform.read_modelopt_algos(directory)))
+        quant_config.checkpoint_modules = frozenset(m.name for m in ck.plan.modules)
         quant_config.runtime_pre_quant_scale = frozenset(ck.plan.runtime_pre_quant_scale)
         logger.info(
             "lazyxform: %s as compressed-tensors (format %s), %d quantized modules, %d with a run-time "
@@ -78,19 +83,42 @@ class LazyxformConfig(CompressedTensorsConfig):
                     self.target_scheme_map[target]["input_activations"] = QuantizationArgs.model_validate(group["input_activations"])
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        if isinstance(layer, LinearBase):
+        if isinstance(layer, (LinearBase, ParallelLMHead)):
             return self._linear_method(layer, prefix)
         if isinstance(layer, FusedMoE):
-            if any(n.startswith(prefix + ".") for n in self.runtime_pre_quant_scale):
-                raise self._refusal(prefix, "experts with a pre_quant_scale lazyxform could not fold (SGLang's fused-MoE kernels take no per-expert input scale)")
-            if is_cpu() and self.get_moe_scheme(layer, prefix) is not None:
-                raise self._refusal(prefix, "quantized fused-MoE experts on a CPU (SGLang has no CPU kernel for them and lazyxform no portable one for SGLang yet)")
+            return self._experts_method(layer, prefix)
         return super().get_quant_method(layer, prefix)
 
-    def _linear_method(self, layer: LinearBase, prefix: str) -> QuantizeMethodBase:
-        scheme = Scheme.of(self.get_scheme_dict(layer, prefix))
+    def _experts_method(self, layer: FusedMoE, prefix: str) -> QuantizeMethodBase | None:
+        input_scaled = any(n.startswith(prefix + ".") for n in self.runtime_pre_quant_scale)
+        if not is_cpu():
+            if input_scaled:
+                raise self._refusal(prefix, "experts with a pre_quant_scale lazyxform could not fold (SGLang's fused-MoE kernels take no per-expert input scale)")
+            return super().get_quant_method(layer, prefix)
+        # SGLang's own choice (get_moe_scheme) asks for a GPU: the experts' scheme, read as it reads it.
+        self._add_fused_moe_to_target_scheme_map()
+        schemes = {proj: Scheme.of(self.get_scheme_dict(layer, f"{prefix}.0.{proj}")) for proj in ("gate_proj", "up_proj", "down_proj")}
+        scheme = schemes["gate_proj"]
+        if any(s != scheme for s in schemes.values()):
+            raise self._refusal(prefix, f"experts whose projections differ in scheme ({', '.join(f'{p}: {s}' for p, s in schemes.items())})")
+        if scheme is None:
+            return super().get_quant_method(layer, prefix)  # unquantized experts
+        layer.scheme = PortableMoEScheme(scheme, input_scaled)
+        return CompressedTensorsFusedMoEMethod(self)
+
+    def _linear_scheme(self, layer: LinearBase | ParallelLMHead, prefix: str) -> Scheme | None:
+        """The layer's compressed-tensors scheme as SGLang reads it: a head is quantized only when a
+        target names it (get_lm_head_scheme, which asks for a GPU)."""
+        if not isinstance(layer, ParallelLMHead):
+            return Scheme.of(self.get_scheme_dict(layer, prefix))
+        target = next((t for t in self.target_scheme_map if check_equal_or_regex_match(layer_name=prefix, targets=[t])), None)
+        return None if target is None else Scheme.of(self.get_scheme_dict(layer, prefix, matched_target=target))
+
+    def _linear_method(self, layer: LinearBase | ParallelLMHead, prefix: str) -> QuantizeMethodBase | None:
+        scheme = self._linear_scheme(layer, prefix)
         if scheme is None:  # unquantized, or dequantized by lazyxform (listed in `ignore`)
-            method: QuantizeMethodBase = UnquantizedLinearMethod()
+            # A head's unquantized method is SGLang's embedding default (None).
+            method = None if isinstance(layer, ParallelLMHead) else UnquantizedLinearMethod()
         elif is_cpu():
             layer.scheme = PortableScheme(scheme)
             method = CompressedTensorsLinearMethod(self)
@@ -108,7 +136,7 @@ class LazyxformConfig(CompressedTensorsConfig):
                 f"{prefix}: SGLang runs {', '.join(members)} as one quantized GEMM over one input, but only "
                 f"{', '.join(scaled)} carry a pre_quant_scale"
             )
-        layer.scheme = PreQuantScaleScheme(layer.scheme)
+        layer.scheme = PreQuantScaleScheme(layer.scheme, prefix)
         return method
 
     def _refusal(self, prefix: str, what: str) -> UnsupportedSglangSchemeError:
@@ -119,11 +147,11 @@ class LazyxformConfig(CompressedTensorsConfig):
         )
 
     def _checkpoint_modules(self, prefix: str) -> list[str]:
-        """The checkpoint modules behind an SGLang layer: the members of a fused layer (qkv_proj ->
-        q_proj, k_proj, v_proj, per the model's packed_modules_mapping, else SGLang's usual fusions),
-        else the layer itself."""
+        """The checkpoint modules behind an SGLang layer: the layer itself where the checkpoint has it
+        (e.g. Phi-3's pre-fused qkv_proj), else the members of a fused layer (qkv_proj -> q_proj,
+        k_proj, v_proj, per the model's packed_modules_mapping, else SGLang's usual fusions)."""
         parent, dot, leaf = prefix.rpartition(".")
-        members = self.packed_modules_mapping.get(leaf) or FUSED.get(leaf)
+        members = None if prefix in self.checkpoint_modules else self.packed_modules_mapping.get(leaf) or FUSED.get(leaf)
         return [f"{parent}{dot}{m}" for m in members] if members else [prefix]
 
 

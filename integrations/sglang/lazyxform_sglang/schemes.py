@@ -9,6 +9,10 @@ handling:
   compressed-tensors tensors as SGLang's parameter classes, decoded once to float32 after loading,
   exactly (lazyxform.emulate), the input fake-quantized as the scheme prescribes, one float32 GEMM
   rounded to the model dtype. Slow; for CPU serving, tests and development.
+- `PortableMoEScheme`, the same for routed experts inside SGLang's compressed-tensors fused-MoE
+  method: each expert's gate/up and down as above (lazyxform.emulate.experts), every token through
+  its routed experts; an expert's own gate/up pre_quant_scale, where lazyxform left one, multiplies
+  that expert's tokens first.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from sglang.srt.layers.moe import MoeRunnerConfig
+from sglang.srt.layers.moe.token_dispatcher import StandardCombineInput, StandardDispatchOutput
 from sglang.srt.layers.parameter import (
     BasevLLMParameter,
     BlockQuantScaleParameter,
@@ -28,10 +34,23 @@ from sglang.srt.layers.parameter import (
     PackedvLLMParameter,
     PerTensorScaleParameter,
 )
-from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsLinearScheme
+from sglang.srt.layers.quantization.compressed_tensors.schemes import (
+    CompressedTensorsLinearScheme,
+    CompressedTensorsMoEScheme,
+)
 
 from lazyxform import InconsistentScalesError, MissingTensorError
-from lazyxform.emulate import Scheme, decode_layer, linear, register_layout
+from lazyxform.emulate import (
+    Scheme,
+    decode_experts,
+    decode_layer,
+    experts,
+    linear,
+    load_expert_input_scale,
+    register_experts,
+    register_layout,
+    require_expert_input_scales,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,26 +58,29 @@ PRE_QUANT_SCALE = "pre_quant_scale"
 
 
 class PreQuantScaleScheme(CompressedTensorsLinearScheme):
-    def __init__(self, inner: CompressedTensorsLinearScheme) -> None:
+    def __init__(self, inner: CompressedTensorsLinearScheme, prefix: str) -> None:
         self.inner = inner
+        self.prefix = prefix  # the layer's name (an lm_head keeps none)
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, params_dtype: torch.dtype, **kwargs: Any) -> None:
         self.inner.create_weights(layer=layer, input_size_per_partition=input_size_per_partition, params_dtype=params_dtype, **kwargs)
         # NaN until loaded: a scale that never arrives is caught after loading, not run as garbage.
         scale = torch.nn.Parameter(torch.full((input_size_per_partition,), torch.nan, dtype=params_dtype), requires_grad=False)
-        scale.weight_loader = functools.partial(load_pre_quant_scale, layer)
+        scale.weight_loader = functools.partial(load_pre_quant_scale, layer, self.prefix)
         layer.register_parameter(PRE_QUANT_SCALE, scale)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if torch.isnan(layer.pre_quant_scale).any():
-            raise MissingTensorError(f"{layer.prefix}: the checkpoint stream carried no {PRE_QUANT_SCALE} for it")
+            raise MissingTensorError(f"{self.prefix}: the checkpoint stream carried no {PRE_QUANT_SCALE} for it")
         self.inner.process_weights_after_loading(layer)
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.inner.apply_weights(layer, x * layer.pre_quant_scale, bias)
 
 
-def load_pre_quant_scale(layer: torch.nn.Module, param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+def load_pre_quant_scale(
+    layer: torch.nn.Module, prefix: str, param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+) -> None:
     """Loads an [in] scale: this rank's slice for a row-parallel layer, whose input is split; once
     for the members of a fused layer (q/k/v, gate/up), which read one input and so must carry one
     scale (ModelOpt exports them so)."""
@@ -70,7 +92,7 @@ def load_pre_quant_scale(layer: torch.nn.Module, param: torch.nn.Parameter, load
         param.data.copy_(loaded)
     elif not torch.equal(param.data, loaded):
         raise InconsistentScalesError(
-            f"{layer.prefix}: the {PRE_QUANT_SCALE} of fused member {shard_id} differs from one already loaded for "
+            f"{prefix}: the {PRE_QUANT_SCALE} of fused member {shard_id} differs from one already loaded for "
             "another member; members of one fused GEMM share their input and need one scale"
         )
 
@@ -87,7 +109,14 @@ PARAMETER_CLASS: dict[str, type[BasevLLMParameter]] = {
     "base": BasevLLMParameter,
 }
 
-ANNOUNCED: set[str] = set()
+ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def announce(kind: str, scheme: Scheme) -> None:
+    """One log line per layer kind and scheme, in each process."""
+    if (kind, str(scheme)) not in ANNOUNCED:
+        ANNOUNCED.add((kind, str(scheme)))
+        logger.info("lazyxform: SGLang has no CPU kernel for %s %s layers; lazyxform's portable PyTorch kernel runs them", scheme, kind)
 
 
 class PortableScheme(CompressedTensorsLinearScheme):
@@ -103,9 +132,7 @@ class PortableScheme(CompressedTensorsLinearScheme):
         weight_loader: Callable[..., None],
         **kwargs: Any,
     ) -> None:
-        if str(self.scheme) not in ANNOUNCED:  # one line per scheme and process
-            ANNOUNCED.add(str(self.scheme))
-            logger.info("lazyxform: SGLang has no CPU kernel for %s linear layers; lazyxform's portable PyTorch kernel runs them", self.scheme)
+        announce("linear", self.scheme)
         register_layout(
             layer, self.scheme, output_partition_sizes, input_size_per_partition, params_dtype,
             lambda kind, data, args: PARAMETER_CLASS[kind](data=data, weight_loader=weight_loader, **args),
@@ -116,3 +143,53 @@ class PortableScheme(CompressedTensorsLinearScheme):
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear(self.scheme, layer, x, bias)
+
+
+EXPERTS_PRE_QUANT_SCALE = "w13_pre_quant_scale"  # experts.{e}.{gate,up}_proj.pre_quant_scale, as SGLang maps expert names
+
+
+class PortableMoEScheme(CompressedTensorsMoEScheme):
+    def __init__(self, scheme: Scheme, input_scaled: bool) -> None:
+        self.scheme = scheme
+        self.input_scaled = input_scaled  # the experts' gate/up keep a pre_quant_scale at run time
+
+    # weight_attrs: the expert weight_loader and other attributes SGLang's FusedMoE gives every parameter.
+    def create_weights(self, layer: torch.nn.Module, *, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
+                       params_dtype: torch.dtype, with_bias: bool = False, **weight_attrs: Any) -> None:  # fmt: skip
+        if with_bias:
+            raise NotImplementedError(f"{layer.layer_name}: lazyxform's portable fused-MoE kernel runs experts without bias")
+        announce("fused-MoE", self.scheme)
+        register_experts(layer, self.scheme, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, weight_attrs)
+        if self.input_scaled:
+            # NaN until loaded: an expert whose scale never arrives is caught after loading.
+            scale = torch.nn.Parameter(torch.full((num_experts, hidden_size), torch.nan, dtype=params_dtype), requires_grad=False)
+            scale.weight_loader = functools.partial(load_expert_pre_quant_scale, layer)
+            layer.register_parameter(EXPERTS_PRE_QUANT_SCALE, scale)
+
+    def create_moe_runner(self, layer: torch.nn.Module, moe_runner_config: MoeRunnerConfig) -> None:
+        config = moe_runner_config
+        if config.activation != "silu" or config.gemm1_alpha is not None or config.apply_router_weight_on_input:
+            raise NotImplementedError(
+                f"{layer.layer_name}: lazyxform's portable fused-MoE kernel runs SiLU experts weighted after the down "
+                f"projection (activation {config.activation}, gemm1_alpha {config.gemm1_alpha}, "
+                f"apply_router_weight_on_input {config.apply_router_weight_on_input})"
+            )
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.input_scaled:
+            require_expert_input_scales(getattr(layer, EXPERTS_PRE_QUANT_SCALE).data, layer.layer_name)
+        decode_experts(self.scheme, layer)
+
+    def apply_weights(self, layer: torch.nn.Module, dispatch_output: StandardDispatchOutput) -> StandardCombineInput:
+        topk_weights, topk_ids, _ = dispatch_output.topk_output
+        scale = getattr(layer, EXPERTS_PRE_QUANT_SCALE, None)
+        return StandardCombineInput(hidden_states=experts(self.scheme, layer, dispatch_output.hidden_states, topk_weights, topk_ids, scale))
+
+
+def load_expert_pre_quant_scale(
+    layer: torch.nn.Module, param: torch.nn.Parameter, loaded: torch.Tensor, weight_name: str, shard_id: str, expert_id: int
+) -> None:
+    """SGLang's expert weight loader for w13_pre_quant_scale: this rank's experts' gate (w1) and up (w3) scales."""
+    local = layer._map_global_expert_id_to_local_expert_id(expert_id)
+    if local != -1:  # -1: another rank's expert
+        load_expert_input_scale(param.data, local, loaded, layer.layer_name, expert_id)

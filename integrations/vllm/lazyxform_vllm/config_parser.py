@@ -25,7 +25,7 @@ from vllm.transformers_utils.config_parser_base import ConfigParserBase
 from vllm.transformers_utils.repo_utils import file_or_path_exists
 
 import lazyxform
-from lazyxform.routing import Route, route, serves
+from lazyxform.routing import Route, route, served_algos
 
 logger: logging.Logger = init_logger(f"vllm.{__name__}")
 
@@ -80,21 +80,11 @@ def modelopt_directory(model: str | Path, revision: str | None, config_dict: dic
 
 def marked_quantization_config(directory: Path, quant: dict[str, Any] | None, mode: Route) -> dict[str, Any]:
     """The checkpoint's quantization config as vLLM would read it, plus the mark."""
-    try:
-        algos = lazyxform.read_modelopt_algos(directory)
-    except lazyxform.LazyxformError as e:
-        if mode == "all":
-            raise
-        # Unreadable to lazyxform is not necessarily unreadable to vLLM: leave it to vLLM.
-        logger.warning("lazyxform cannot read the ModelOpt config of %s, leaving it to vLLM: %s", directory, e)
-        algos, served = set(), False
-    else:
-        served = serves(algos, mode, current_platform.is_cpu(), VLLM_NATIVE_ALGOS)
+    served = served_algos(directory, mode, current_platform.is_cpu(), VLLM_NATIVE_ALGOS, logger, "vLLM") is not None
     if quant is None:  # a legacy export: vLLM itself falls back to this file
         quant = json.loads((directory / HF_QUANT_CONFIG).read_text())
     kv_cache_dropped = None
     if served:
-        logger.info("lazyxform serves %s (ModelOpt %s) through compressed-tensors", directory, ", ".join(sorted(algos)))
         if isinstance(quant.get("quantization"), dict):
             quant = {"quant_method": "modelopt", "producer": quant.get("producer"), **quant["quantization"]}
         quant, kv_cache_dropped = without_unservable_kv_cache(quant, directory)

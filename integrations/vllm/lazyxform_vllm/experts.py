@@ -28,7 +28,8 @@ import torch
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-from lazyxform import InconsistentScalesError, MissingTensorError, TensorMismatchError, UnsupportedAlgoError
+from lazyxform import UnsupportedAlgoError
+from lazyxform.emulate import load_expert_input_scale, require_expert_input_scales
 
 PARAM = "w13_pre_quant_scale"
 
@@ -77,9 +78,7 @@ class ExpertsInputScale(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer: Any) -> None:
         scales = layer.w13_pre_quant_scale.data
-        if torch.isnan(scales).any():
-            missing = sorted(set(torch.isnan(scales).any(dim=1).nonzero().flatten().tolist()))
-            raise MissingTensorError(f"{layer.layer_name}: no gate/up pre_quant_scale was loaded for local experts {missing}")
+        require_expert_input_scales(scales, layer.layer_name)
         uniform = bool((scales == scales[0]).all())
         if uniform:
             layer.experts_input_scale = scales[0].clone()
@@ -114,19 +113,9 @@ def load_expert_scale(
     expert_id: int,
     return_success: bool = False,
 ) -> bool | None:
-    """Loads one expert's gate (w1) or up (w3) pre_quant_scale into its row. Both read the expert's
-    input, so they must be equal (ModelOpt exports them so)."""
+    """vLLM's expert weight loader for w13_pre_quant_scale: this rank's experts' gate (w1) and up (w3) scales."""
     local = layer._map_global_expert_id_to_local_expert_id(expert_id)
     if local == -1:  # another rank's expert under expert parallelism
         return False if return_success else None
-    if loaded_weight.shape != param.shape[1:]:
-        raise TensorMismatchError(f"{weight_name} (expert {expert_id}): shape {tuple(loaded_weight.shape)}, expected {tuple(param.shape[1:])}")
-    row = param.data[local]
-    loaded = loaded_weight.to(dtype=row.dtype, device=row.device)
-    if not torch.isnan(row).all() and not torch.equal(row, loaded):
-        raise InconsistentScalesError(
-            f"{layer.layer_name}: expert {expert_id}'s gate and up pre_quant_scale differ ({shard_id} vs the one loaded "
-            "before); the two projections read one input"
-        )
-    row.copy_(loaded)
+    load_expert_input_scale(param.data, local, loaded_weight, layer.layer_name, expert_id)
     return True if return_success else None

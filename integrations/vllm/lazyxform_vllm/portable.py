@@ -29,7 +29,6 @@ import os
 from typing import Any, Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from compressed_tensors.quantization import QuantizationStrategy
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
@@ -44,10 +43,9 @@ from vllm.model_executor.parameter import (
     PackedvLLMParameter,
     PerTensorScaleParameter,
 )
-from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from lazyxform.emulate import Scheme, decode, decode_layer, layout, linear, quantize_input, register_layout, take
+from lazyxform.emulate import Scheme, decode_experts, decode_layer, experts, linear, register_experts, register_layout
 
 logger: logging.Logger = init_logger(f"vllm.{__name__}")
 
@@ -127,15 +125,6 @@ PARAMETER_CLASS: dict[str, type] = {
 }
 
 
-def linear_parameters(
-    scheme: Scheme, out_sizes: list[int], in_size: int, params_dtype: torch.dtype
-) -> dict[str, tuple[type, torch.Tensor, dict[str, Any]]]:
-    """name -> (vLLM parameter class, empty data, class arguments) for one (possibly fused) layer
-    whose members have `out_sizes` output rows and `in_size` inputs on this rank."""
-    params = layout(scheme, out_sizes, in_size, params_dtype)
-    return {name: (PARAMETER_CLASS[kind], data, args) for name, (kind, data, args) in params.items()}
-
-
 # --- the methods vLLM calls ------------------------------------------------------------------------
 
 
@@ -174,20 +163,11 @@ class PortableLinearMethod(LinearMethodBase):
         return linear(self.scheme, layer, x, bias)
 
 
-# FusedMoE's weight loader picks how to load a scale by this attribute (FusedMoeWeightScaleSupported).
-MOE_SCALE_KIND = {
-    PerTensorScaleParameter: "tensor",
-    ChannelQuantScaleParameter: "channel",
-    GroupQuantScaleParameter: "group",
-    BlockQuantScaleParameter: "block",
-}
-
-
 class PortableMoEMethod(FusedMoEMethodBase):
-    """Compressed-tensors experts computed in PyTorch: gate/up (w13) and down (w2) of each expert
-    decoded as the Linear above; each token's experts run with the scheme's input quantizer before
-    both projections, SiLU(gate) * up between them, weighted by the router. An expert's own gate/up
-    pre_quant_scale, where experts.py leaves one per expert, multiplies its tokens first."""
+    """Compressed-tensors experts computed in PyTorch (lazyxform.emulate.experts): gate/up (w13) and
+    down (w2) of each expert decoded as the Linear above, each token's experts run with the scheme's
+    input quantizer before both projections. An expert's own gate/up pre_quant_scale, where
+    experts.py leaves one per expert, multiplies its tokens first."""
 
     scales_each_experts_input = True  # read by experts.ExpertsInputScale
 
@@ -205,32 +185,12 @@ class PortableMoEMethod(FusedMoEMethodBase):
         **extra_weight_attrs,
     ) -> None:
         announce("fused-MoE", self.scheme)
-        inter = intermediate_size_per_partition
-        layer.portable_parameters = {}
-        for stem, out_sizes, in_size in (("w13", [inter, inter], hidden_size), ("w2", [hidden_size], inter)):
-            params = linear_parameters(self.scheme, out_sizes, in_size, params_dtype)
-            for name, (cls, data, _) in params.items():
-                # One static input scale per expert, shared by gate and up: FusedMoE loads it so.
-                shape = () if name == "input_scale" else data.shape
-                param = torch.nn.Parameter(data.new_empty(num_experts, *shape), requires_grad=False)
-                set_weight_attrs(param, extra_weight_attrs)
-                if cls in MOE_SCALE_KIND:
-                    set_weight_attrs(param, {"quant_method": MOE_SCALE_KIND[cls]})
-                layer.register_parameter(f"{stem}_{name}", param)
-            layer.portable_parameters[stem] = (list(params), out_sizes)
+        register_experts(layer, self.scheme, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if getattr(layer, "expert_map", None) is not None:
             raise NotImplementedError("lazyxform's portable fused-MoE kernel does not run under expert parallelism")
-        for stem, (names, out_sizes) in layer.portable_parameters.items():
-            experts = take(layer, [f"{stem}_{n}" for n in names])
-            count = len(experts[f"{stem}_{names[0]}"])
-            weights, scales = zip(
-                *(decode(self.scheme, {n: experts[f"{stem}_{n}"][e] for n in names}, out_sizes) for e in range(count)),
-                strict=True,
-            )
-            layer.register_parameter(f"{stem}_weight", torch.nn.Parameter(torch.stack(weights), requires_grad=False))
-            setattr(layer, f"portable_{stem}_input_scales", list(scales))
+        decode_experts(self.scheme, layer)
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module) -> None:
         return None
@@ -251,16 +211,5 @@ class PortableMoEMethod(FusedMoEMethodBase):
         activation = getattr(self.moe.activation, "value", self.moe.activation)
         if activation != "silu":
             raise NotImplementedError(f"lazyxform's portable fused-MoE kernel runs SiLU experts, not {activation}")
-        hidden = x.float()
-        out = torch.zeros_like(hidden)
         # Experts' own gate/up pre_quant_scale, where they differ (experts.py); absent otherwise.
-        pre_quant_scale = getattr(layer, "w13_pre_quant_scale", None)
-        for e in topk_ids.unique().tolist():
-            token, slot = torch.where(topk_ids == e)
-            x_e = hidden[token] if pre_quant_scale is None else hidden[token] * pre_quant_scale[e].float()
-            gate_up = F.linear(quantize_input(self.scheme, x_e, layer.portable_w13_input_scales[e]), layer.w13_weight[e])
-            gate, up = gate_up.chunk(2, dim=-1)
-            down_in = quantize_input(self.scheme, F.silu(gate) * up, layer.portable_w2_input_scales[e])
-            y = F.linear(down_in, layer.w2_weight[e])
-            out.index_add_(0, token, y * topk_weights[token, slot, None].float())
-        return out.to(x.dtype)
+        return experts(self.scheme, layer, x, topk_weights, topk_ids, getattr(layer, "w13_pre_quant_scale", None))
