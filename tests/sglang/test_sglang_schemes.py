@@ -15,10 +15,6 @@ loader (its expert_params_mapping names); after SGLang's process_weights_after_l
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,26 +32,7 @@ EXPERTS, TOP_K, TOKENS = 4, 2, 16
 BF16_ULP = 2**-8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank_group() -> Iterator[None]:
-    """The process groups SGLang's layers need even at one rank (as SGLang's layer tests set them up)."""
-    from sglang.srt.distributed import parallel_state
-    from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish, reset_context
-    from sglang.srt.server_args import ServerArgs
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
-    reset_context()
-    publish(ServerArgs(model_path="dummy", device="cpu"), role="test", ranks=SpawnRanks(world_rank=0))
-    get_parallel().override_permanently(world_group=parallel_state._WORLD)
-    parallel_state.initialize_model_parallel(backend="gloo")
-    yield
-    parallel_state.destroy_model_parallel()
-    parallel_state.destroy_distributed_environment()
-    reset_context()
+pytestmark = pytest.mark.usefixtures("one_rank_group")
 
 
 def loaded_experts(name: str) -> torch.nn.Module:

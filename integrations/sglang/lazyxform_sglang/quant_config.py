@@ -18,6 +18,7 @@ from sglang.srt.layers.quantization.compressed_tensors.compressed_tensors import
     CompressedTensorsFusedMoEMethod,
     CompressedTensorsLinearMethod,
 )
+from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsW8A8Int8
 from sglang.srt.layers.quantization.compressed_tensors.utils import check_equal_or_regex_match
 from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead
@@ -27,7 +28,7 @@ import lazyxform
 from lazyxform.emulate import Scheme
 
 from .config import MARK
-from .schemes import PortableMoEScheme, PortableScheme, PreQuantScaleScheme
+from .schemes import PerShardInputScaleScheme, PortableMoEScheme, PortableScheme, PreQuantScaleScheme
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ class LazyxformConfig(CompressedTensorsConfig):
                 method = super().get_quant_method(layer, prefix)
             except NotImplementedError as e:
                 raise self._refusal(prefix, f"linear layers of {scheme} ({e})") from e
+            inner = getattr(layer, "scheme", None)
+            if isinstance(inner, CompressedTensorsW8A8Int8) and inner.is_static_input_scheme:
+                layer.scheme = PerShardInputScaleScheme(inner)  # its fused layers' static input scales
         members = self._checkpoint_modules(prefix)
         scaled = [m for m in members if m in self.runtime_pre_quant_scale]
         if not scaled:

@@ -4,6 +4,8 @@ handling:
 
 - `PreQuantScaleScheme` wraps SGLang's scheme of a layer whose AWQ / SmoothQuant `pre_quant_scale`
   lazyxform could not fold (ck.plan.runtime_pre_quant_scale): y = (x * pre_quant_scale) @ W^T.
+- `PerShardInputScaleScheme` wraps SGLang's static W8A8 int8 scheme on a GPU so that a fused layer's
+  per-tensor input scale has one element per fused member, where SGLang's loaders put them.
 - `PortableScheme` computes a compressed-tensors layer in PyTorch on a CPU, where SGLang has no
   compressed-tensors kernel (its scheme selection asks for a CUDA device capability): the
   compressed-tensors tensors as SGLang's parameter classes, decoded once to float32 after loading,
@@ -95,6 +97,39 @@ def load_pre_quant_scale(
             f"{prefix}: the {PRE_QUANT_SCALE} of fused member {shard_id} differs from one already loaded for "
             "another member; members of one fused GEMM share their input and need one scale"
         )
+
+
+# The per-tensor input quantizer parameters of SGLang's CompressedTensorsW8A8Int8 (static inputs).
+SHARD_INPUT_PARAMETERS = ("input_scale", "input_zero_point")
+
+
+class PerShardInputScaleScheme(CompressedTensorsLinearScheme):
+    """SGLang's CompressedTensorsW8A8Int8 with one static input scale (and zero point) element per fused
+    member. Its create_weights registers them as one-element PerTensorScaleParameters (read in SGLang
+    0.5.17 and 0.5.23), but SGLang's fused loaders (load_qkv_weight / load_merged_column_weight, and
+    the fused-in-checkpoint case) write each member's scale at the member's index: loading k, v or up
+    fails with IndexError. Its process_weights_after_loading already reduces several elements (the
+    max of the scales; asymmetric: the range over all members), as its W8A8 FP8 scheme registers its
+    input_scale (len(output_partition_sizes) elements). Acts only on a parameter with fewer elements
+    than the layer has members, so an SGLang that registers enough is left as it is."""
+
+    def __init__(self, inner: CompressedTensorsLinearScheme) -> None:
+        self.inner = inner
+
+    def create_weights(self, layer: torch.nn.Module, output_partition_sizes: list[int], **kwargs: Any) -> None:
+        self.inner.create_weights(layer=layer, output_partition_sizes=output_partition_sizes, **kwargs)
+        members = len(output_partition_sizes)
+        for name in SHARD_INPUT_PARAMETERS:
+            param = layer._parameters.get(name)
+            if isinstance(param, PerTensorScaleParameter) and param.numel() < members:
+                per_member = torch.empty(members, dtype=param.dtype, device=param.device)
+                layer.register_parameter(name, PerTensorScaleParameter(data=per_member, weight_loader=param.weight_loader))
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self.inner.process_weights_after_loading(layer)
+
+    def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.apply_weights(layer, x, bias)
 
 
 # SGLang's parameter class for each kind of tensor of lazyxform.emulate.layout: the classes its

@@ -1,0 +1,173 @@
+"""SGLang's own static W8A8 int8 scheme (CompressedTensorsW8A8Int8, what lazyxform hands a GPU for
+W8A8_SQ_PER_CHANNEL) on real SGLang fused layers built in this process (one-rank gloo group): the GPU
+branch of LazyxformConfig is taken by answering is_cpu() False and an SM 9.0 capability, as
+test_sglang_config does. The int8_sq fixture's layer-0 tensors, rewritten by lazyxform's stream, go
+into a QKVParallelLinear and a MergedColumnParallelLinear through their weight loaders as SGLang's
+Llama load_weights sends them (stacked_params_mapping, shard ids "q"/"k"/"v" and 0/1).
+
+SGLang 0.5.17 and 0.5.23 register the static input scale as one element, which the fused loaders index
+by member (IndexError on k / up); lazyxform's PerShardInputScaleScheme gives it one element per member.
+Checked: loading succeeds, each element is its member's scale from the stream, and SGLang's own
+process_weights_after_loading (which runs on a CPU for a per-channel weight) leaves their max; the
+same with SGLang's bare scheme fails as on the H200. The fixture's members share one input scale
+(1/127), and lazyxform's stream gives fused members one scale (their max) anyway: a checkpoint with
+distinct member scales is checked to arrive as that max in every element. Where each member lands is
+seen with asymmetric zero points, distinct per member."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from reference import FIXTURES, load_tensors
+from sglang.srt.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
+from sglang.srt.layers.parameter import PerTensorScaleParameter
+from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsW8A8Int8
+
+import lazyxform
+from lazyxform_sglang import quant_config
+from lazyxform_sglang.config import MARK
+from lazyxform_sglang.schemes import PerShardInputScaleScheme
+
+pytestmark = pytest.mark.usefixtures("one_rank_group")
+
+NAME = "int8_sq"
+PATH = FIXTURES / NAME
+LAYER = "model.layers.0"
+# SGLang 0.5.23's LlamaForCausalLM._legacy_load_weights (its default loader; the v2 loader's
+# STANDARD_QKV_MAPPING and STANDARD_GATE_UP_MAPPING make the same calls).
+STACKED_PARAMS_MAPPING = [
+    (".qkv_proj", ".q_proj", "q"),
+    (".qkv_proj", ".k_proj", "k"),
+    (".qkv_proj", ".v_proj", "v"),
+    (".gate_up_proj", ".gate_proj", 0),
+    (".gate_up_proj", ".up_proj", 1),
+]
+MEMBERS = {"self_attn.qkv_proj": ["q_proj", "k_proj", "v_proj"], "mlp.gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+@pytest.fixture
+def gpu_branch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant_config, "is_cpu", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+
+
+def fused_layers(input_symmetric: bool = True) -> dict[str, LinearBase]:
+    """Layer 0's qkv_proj and gate_up_proj, built by SGLang with lazyxform's config of the fixture."""
+    ck = lazyxform.open(PATH, device="cpu")
+    config = {**ck.quantization_config, MARK: {"checkpoint": str(PATH)}, "packed_modules_mapping": {}}
+    config["config_groups"]["group_0"]["input_activations"]["symmetric"] = input_symmetric
+    quant = quant_config.LazyxformConfig.from_config(config)
+    hf = ck.hf_config
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    common: dict[str, Any] = dict(bias=False, params_dtype=torch.bfloat16, quant_config=quant)
+    return {
+        "self_attn.qkv_proj": QKVParallelLinear(
+            hf["hidden_size"], head_dim, hf["num_attention_heads"], hf["num_key_value_heads"], prefix=f"{LAYER}.self_attn.qkv_proj", **common
+        ),
+        "mlp.gate_up_proj": MergedColumnParallelLinear(
+            hf["hidden_size"], [hf["intermediate_size"]] * 2, prefix=f"{LAYER}.mlp.gate_up_proj", **common
+        ),
+    }
+
+
+def checkpoint(distinct: bool) -> dict[str, torch.Tensor]:
+    """The fixture's tensors; `distinct`: each fused member's input scale multiplied by 1, 2, 3 in member order."""
+    tensors = load_tensors(PATH)
+    if distinct:
+        for fused, members in MEMBERS.items():
+            for i, member in enumerate(members):
+                name = member_key(fused, member, "input_scale")
+                tensors[name] = tensors[name] * (i + 1)
+    return tensors
+
+
+def member_key(fused: str, member: str, tensor: str) -> str:
+    return f"{LAYER}.{fused.split('.')[0]}.{member}.{tensor}"
+
+
+def stream(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Layer 0's q/k/v and gate/up tensors out of lazyxform's stream of `tensors`."""
+    ck = lazyxform.open(PATH, device="cpu")
+    members = {m for ms in MEMBERS.values() for m in ms}
+    return {n: t for n, t in ck.wrap(iter(tensors.items())) if n.startswith(f"{LAYER}.") and n.split(".")[-2] in members}
+
+
+def load(layers: dict[str, LinearBase], tensors: dict[str, torch.Tensor]) -> None:
+    """As SGLang's Llama loader: a member's tensor goes to the fused parameter with the member's shard id."""
+    params = {n: p for prefix, layer in layers.items() for n, p in layer.named_parameters(prefix=f"{LAYER}.{prefix}")}
+    for name, tensor in tensors.items():
+        param_name, weight_name, shard_id = next(m for m in STACKED_PARAMS_MAPPING if m[1] in name)
+        param = params[name.replace(weight_name, param_name)]
+        param.weight_loader(param, tensor, shard_id)
+
+
+def member_input_scales(tensors: dict[str, torch.Tensor], fused: str) -> torch.Tensor:
+    return torch.stack([tensors[member_key(fused, m, "input_scale")].float().reshape(()) for m in MEMBERS[fused]])
+
+
+@pytest.mark.parametrize("distinct", [False, True], ids=["as exported", "distinct per member"])
+def test_fused_static_int8_input_scales_load_per_member(gpu_branch: None, distinct: bool) -> None:
+    layers = fused_layers()
+    ckpt = checkpoint(distinct)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lazyxform.LazyxformWarning)  # distinct: lazyxform says it merges them
+        tensors = stream(ckpt)
+    load(layers, tensors)  # SGLang's bare scheme: IndexError (test_sglangs_bare_scheme_cannot_load_them)
+    for fused, layer in layers.items():
+        assert isinstance(layer.scheme, PerShardInputScaleScheme), fused
+        assert type(layer.scheme.inner) is CompressedTensorsW8A8Int8, fused
+        assert isinstance(layer.input_scale, PerTensorScaleParameter), fused
+        # lazyxform's stream gives fused members one scale, their max (lazyxform.recipes.base.input_scale_rule).
+        want = member_input_scales(tensors, fused)
+        assert torch.equal(want, member_input_scales(ckpt, fused).max().expand(len(want))), fused
+        assert torch.equal(layer.input_scale.data, want), fused
+        layer.quant_method.process_weights_after_loading(layer)  # SGLang's own, through the wrapper
+        assert layer.input_scale.shape == () and torch.equal(layer.input_scale.data, want.max()), fused
+        assert layer.weight.dtype == torch.int8 and layer.weight.shape[1] == sum(layer.output_sizes), fused  # transposed by SGLang
+
+
+def test_sglangs_bare_scheme_cannot_load_them(gpu_branch: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The H200 failure, on SGLang 0.5.23: without the wrapper the second member's scale has no slot. Should
+    an SGLang register one element per member itself, this fails and the wrapper has nothing left to do."""
+    monkeypatch.setattr(quant_config, "PerShardInputScaleScheme", lambda inner: inner)
+    layers = fused_layers()
+    assert all(type(layer.scheme) is CompressedTensorsW8A8Int8 and layer.input_scale.numel() == 1 for layer in layers.values())
+    with pytest.raises(IndexError, match="index 1 is out of bounds for dimension 0 with size 1"):
+        load(layers, stream(checkpoint(distinct=False)))
+
+
+def test_asymmetric_input_zero_points_load_per_member(gpu_branch: None) -> None:
+    """An asymmetric static input (not a ModelOpt export: the fixture's config with symmetric false) has an
+    input_zero_point too; one element per member as well. The stream carries none: each member's is fed
+    through the same loader. SGLang then folds the members' ranges into one scale and zero point."""
+    layers = fused_layers(input_symmetric=False)
+    tensors = stream(checkpoint(distinct=False))
+    for fused in layers:
+        for i, m in enumerate(MEMBERS[fused]):
+            tensors[member_key(fused, m, "input_zero_point")] = torch.tensor([i - 1], dtype=torch.int8)
+    load(layers, tensors)
+    for fused, layer in layers.items():
+        scales = member_input_scales(tensors, fused)
+        zero_points = torch.arange(len(MEMBERS[fused]), dtype=torch.int8) - 1
+        assert layer.input_zero_point.dtype == torch.int8, fused
+        assert torch.equal(layer.input_scale.data, scales) and torch.equal(layer.input_zero_point.data, zero_points), fused
+        layer.quant_method.process_weights_after_loading(layer)
+        # SGLang's formula over every member's range (their zero points differ).
+        top, bottom = (scales * (127 - zero_points.int())).max(), (scales * (-128 - zero_points.int())).min()
+        assert torch.equal(layer.input_scale.data, (top - bottom) / 255), fused
+
+
+def test_enough_elements_are_left_as_registered() -> None:
+    """The guard: a scheme that registers one element per member keeps its own parameter."""
+
+    class Registers(CompressedTensorsW8A8Int8):
+        def create_weights(self, layer: torch.nn.Module, output_partition_sizes: list[int], **kwargs: Any) -> None:
+            self.registered = PerTensorScaleParameter(data=torch.zeros(len(output_partition_sizes)), weight_loader=print)
+            layer.register_parameter("input_scale", self.registered)
+
+    inner, layer = Registers("channel", True, True), torch.nn.Module()
+    PerShardInputScaleScheme(inner).create_weights(layer, output_partition_sizes=[4, 2, 2])
+    assert layer.input_scale is inner.registered
