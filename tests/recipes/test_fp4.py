@@ -97,3 +97,27 @@ def test_w4a8_nvfp4_fp8_without_group_size_takes_modelopts_32(tmp_path):
     assert unsaid.quantization_config == said.quantization_config
     streamed, expected = dict(unsaid), dict(said)
     assert streamed.keys() == expected.keys() and all(torch.equal(streamed[k], expected[k]) for k in expected)
+
+
+# compressed-tensors' own ModelOpt NVFP4 converter (compressed_tensors.entrypoints.convert, the
+# offline peer path): written independently of lazyxform, it renames and inverts the same tensors.
+# NVFP4 algos only: it knows no AWQ pre_quant_scale, W4A16 or W4A8 variants.
+CONVERTED = [f for f in fixtures(family="fp4", dense=False) if FIXTURE_TABLE[f].algo == "NVFP4" and FIXTURE_TABLE[f].kv is None]
+
+
+@pytest.mark.parametrize("fixture", CONVERTED)
+def test_nvfp4_stream_is_bit_identical_to_compressed_tensors_own_converter(tmp_path, fixture):
+    convert = pytest.importorskip("compressed_tensors.entrypoints.convert")
+    from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter
+
+    src = FIXTURES / fixture
+    modules = quantized_modules(load_tensors(src))
+    convert.convert_checkpoint(src, tmp_path / "ct", ModelOptNvfp4Converter(targets=modules))
+    theirs = load_tensors(tmp_path / "ct")
+    ours = {name: tensor.cpu() for name, tensor in lazyxform.open(src, device="cpu")}
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        # Shapes agree but for a global scale: the converter keeps ModelOpt's 0-d tensor, lazyxform
+        # writes the [1] that compressed-tensors' own NVFP4 compressor writes; engines load either.
+        mine = ours[name].reshape(tensor.shape) if tensor.dim() == 0 else ours[name]
+        assert mine.dtype == tensor.dtype and torch.equal(mine, tensor), name
