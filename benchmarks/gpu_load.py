@@ -7,6 +7,9 @@ Per format (make_checkpoint.py's Llama-3-8B shapes, written to --data if missing
 * fp8, nvfp4: `native` (LAZYXFORM_VLLM_ROUTE=off: vLLM's ModelOpt path), `lazyxform` (route all,
   lazyxform's own reader) and `lazyxform-wrap` (route all, LAZYXFORM_VLLM_READER=off: vLLM's reader,
   rewritten by `ck.wrap`).
+* nvfp4 also `ct-converted`: the peer path, the checkpoint converted offline by compressed-tensors'
+  own `ModelOptNvfp4Converter` (timed once per run in `prepare`, bytes written recorded), then loaded
+  by vLLM as compressed-tensors; its total is the conversion plus its ready time.
 * int4_awq (vLLM has no ModelOpt path for it): `lazyxform`, `lazyxform-wrap`, and `compressed-tensors`:
   lazyxform's own stream (`iter(lazyxform.open(ckpt))`, `ck.hf_config`) written once as a
   compressed-tensors checkpoint and loaded by vLLM natively. compressed-tensors cannot express a
@@ -43,7 +46,8 @@ LLM_ARGS = {
     "seed": 0,
 }
 NATIVE_MODELOPT = ("fp8", "nvfp4")
-BASELINES = ("native", "compressed-tensors")  # each format's arm that the others are ratios of
+BASELINES = ("native", "compressed-tensors")
+CONVERTED = "nvfp4_ct_converted"  # each format's arm that the others are ratios of
 DECODE_BATCHES = (1, 32)
 PROMPT_TOKENS = 32
 
@@ -52,6 +56,8 @@ def arms(fmt: str, data: Path) -> list[tuple[str, Path, dict[str, str]]]:
     """(arm, checkpoint, environment) of one format; the baseline first."""
     ckpt = data / fmt
     lazy = [("lazyxform", ckpt, {"LAZYXFORM_VLLM_ROUTE": "all"}), ("lazyxform-wrap", ckpt, {"LAZYXFORM_VLLM_ROUTE": "all", "LAZYXFORM_VLLM_READER": "off"})]
+    if fmt == "nvfp4":
+        return [("native", ckpt, {"LAZYXFORM_VLLM_ROUTE": "off"}), *lazy, ("ct-converted", data / CONVERTED, {"LAZYXFORM_VLLM_ROUTE": "off"})]
     if fmt in NATIVE_MODELOPT:
         return [("native", ckpt, {"LAZYXFORM_VLLM_ROUTE": "off"}), *lazy]
     return [("compressed-tensors", data / f"{fmt}_ct", {}), *lazy]
@@ -90,6 +96,26 @@ def write_compressed_tensors(src: Path, dst: Path, shard_bytes: int = 5 * 10**9)
     return left_out
 
 
+def convert_offline(src: Path, dst: Path) -> dict[str, Any]:
+    """The peer path: compressed-tensors' ModelOpt NVFP4 converter writes a converted copy."""
+    import shutil
+
+    from compressed_tensors.entrypoints.convert import convert_checkpoint
+    from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter
+
+    import lazyxform
+
+    shutil.rmtree(dst, ignore_errors=True)
+    modules = [m.name for m in lazyxform.open(src, device="cpu").plan.modules]
+    began = time.perf_counter()
+    convert_checkpoint(src, dst, ModelOptNvfp4Converter(targets=modules))
+    # It copies every other file, ModelOpt's own quantization config too, which no longer describes
+    # the tensors: what a user of the peer path deletes, so that nothing reads it as ModelOpt.
+    (dst / "hf_quant_config.json").unlink(missing_ok=True)
+    os.sync()  # the copy is on disk, as an offline step leaves it
+    return {"convert_s": time.perf_counter() - began, "bytes_written": sum(f.stat().st_size for f in dst.iterdir())}
+
+
 def prepare(data: Path, formats: list[str]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from make_checkpoint import write_checkpoint
@@ -99,6 +125,8 @@ def prepare(data: Path, formats: list[str]) -> dict[str, Any]:
         if not (data / fmt / "config.json").exists():
             began = time.perf_counter()
             made[fmt] = {"bytes": write_checkpoint(fmt, data / fmt), "write_s": time.perf_counter() - began}
+        if fmt == "nvfp4":  # every run: its time is part of the peer path's total
+            made[CONVERTED] = convert_offline(data / fmt, data / CONVERTED)
         if fmt not in NATIVE_MODELOPT and not (data / f"{fmt}_ct" / "config.json").exists():
             began = time.perf_counter()
             left_out = write_compressed_tensors(data / fmt, data / f"{fmt}_ct")
@@ -209,6 +237,20 @@ def summarize(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def peer_path(converted: dict[str, Any] | None, records: list[dict[str, Any]]) -> str:
+    """Convert-then-load against lazyxform's load of the ModelOpt checkpoint (ready-time medians)."""
+    ready = {a: [r["ready_s"] for r in records if r["format"] == "nvfp4" and r["arm"] == a and r["rc"] == 0] for a in ("ct-converted", "lazyxform")}
+    if converted is None or not all(ready.values()):
+        return ""
+    total = converted["convert_s"] + statistics.median(ready["ct-converted"])
+    lazy = statistics.median(ready["lazyxform"])
+    return (
+        f"\nPeer path (nvfp4): convert {converted['convert_s']:.2f} s, writing {converted['bytes_written'] / GIB:.2f} GiB, "
+        f"+ ready {statistics.median(ready['ct-converted']):.2f} s = {total:.2f} s; lazyxform ready {lazy:.2f} s, "
+        f"writing 0 bytes: {total / lazy:.2f}x faster\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,7 +282,7 @@ def main() -> None:
             for arm, ckpt, env in order if round_ % 2 == 0 else order[::-1]:
                 records.append(run_arm(fmt, arm, ckpt, env, args.out, args.timeout))
                 (args.out / "load.json").write_text(json.dumps({"prepared": made, "warmup": warmup, "runs": records}, indent=2))
-    table = summarize(records)
+    table = summarize(records) + peer_path(made.get(CONVERTED), records)
     (args.out / "load.md").write_text(table)
     print(table)
 
