@@ -97,7 +97,8 @@ DEEPSEEK = Topology(
     row_producers={"down_proj": "up_proj"},
     never_quantized=frozenset({"eh_proj"}),
 )
-# GLM-4.5 MoE: no facts but its MTP layer's eh_proj, an nn.Linear as DeepSeek's (vLLM glm4_moe_mtp.py).
+# GLM-4.5 MoE: no facts but its MTP layer's eh_proj, an nn.Linear as DeepSeek's (vLLM glm4_moe_mtp.py, SGLang
+# glm4_moe_nextn.py).
 GLM4_MOE = Topology(never_quantized=DEEPSEEK.never_quantized)
 FAMILIES: dict[str, Topology] = {
     **{model_type: LLAMA for model_type in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral")},
