@@ -12,8 +12,8 @@ import warnings
 import pytest
 import torch
 from algos import FIXTURE_TABLE, representatives
-from helpers import MLP, copy_fixture, edit_json, make_moe, moe_name, rename_tensors, rewrite_tensors, tensors_of
-from reference import FIXTURES, load_tensors, modelopt_weight, quantized_modules
+from helpers import MLP, copy_fixture, edit_json, exclude_in_bf16, make_moe, moe_name, rename_tensors, rewrite_tensors
+from reference import FIXTURES, load_tensors
 
 import lazyxform
 
@@ -156,19 +156,9 @@ def test_an_mtp_layer_excluded_in_bf16_stays_dense(tmp_path):
     exclude_modules) and NVIDIA's DeepSeek FP4 releases keep: the MTP layer's Linears here are the
     fixture's own weights decoded to bf16 by ModelOpt's formula."""
     ckpt = copy_fixture(MTP_FIXTURE, tmp_path)
-    mtp_modules = [m for m in quantized_modules(tensors_of(MTP_FIXTURE)) if m.startswith(MTP + ".")]
-
-    def dequantize_mtp_layer(t):
-        for m in mtp_modules:
-            weight = modelopt_weight("NVFP4", t, m).to(torch.bfloat16)
-            for k in [k for k in t if k.startswith(m + ".")]:
-                del t[k]
-            t[f"{m}.weight"] = weight
-
-    rewrite_tensors(ckpt, dequantize_mtp_layer)
-    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"]["exclude_modules"].append(f"{MTP}*"))
-    edit_json(ckpt / "config.json", lambda c: c["quantization_config"]["ignore"].append(f"{MTP}*"))
+    mtp_modules = exclude_in_bf16(ckpt, "NVFP4", MTP)  # ModelOpt writes `model.layers.N*`
     ck, out = stream(ckpt)
+    assert len(mtp_modules) == FIXTURE_TABLE[MTP_FIXTURE].mtp_modules
     assert len(ck.plan.modules) == FIXTURE_TABLE[MTP_FIXTURE].modules - len(mtp_modules)
     assert rf"re:{re.escape(MTP)}.*" in ck.quantization_config["ignore"]
     orig = load_tensors(ckpt)

