@@ -54,10 +54,10 @@ def plan_and_config(
     topology = topology_of(hf_config)
     kv_args = kv_cache_args(cfg.kv_cache_algo) if cfg.kv_cache_algo else None  # an unknown one is refused first
     quantized = _quantized_modules(cfg, tensors, dtype)
-    _refuse_never_quantized(quantized, topology, hf_config, dtype)
     all_targets = {name: recipe.target(m.cfg) for name, (m, recipe) in quantized.items()}
     dense = plan_dense_fallback({n: mr for n, mr in quantized.items() if all_targets[n] is None}, fallback, dtype)
     modules = {name: mr for name, mr in quantized.items() if name not in dense.modules}
+    _refuse_never_quantized(modules, topology, hf_config, dtype)  # a dequantized one is a plain weight
     targets: dict[str, Target] = {name: t for name, t in all_targets.items() if t is not None}
     pre = plan_pre_quant(modules, tensors, topology, cfg.kv_cache_algo)
 
@@ -168,6 +168,7 @@ def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtyp
 
 
 def _refuse_never_quantized(modules: Quantized, topology: Topology, hf_config: dict[str, Any], dtype: torch.dtype) -> None:
+    """Quantized modules the engine builds without a quantization method (Topology.never_quantized)."""
     for name, (m, _) in modules.items():
         leaf = name.rpartition(".")[2]
         if leaf in topology.never_quantized:

@@ -12,8 +12,18 @@ import warnings
 import pytest
 import torch
 from algos import FIXTURE_TABLE, representatives
-from helpers import MLP, copy_fixture, edit_json, exclude_in_bf16, make_moe, moe_name, rename_tensors, rewrite_tensors
-from reference import FIXTURES, load_tensors
+from helpers import (
+    MLP,
+    copy_fixture,
+    edit_json,
+    exclude_in_bf16,
+    make_moe,
+    moe_name,
+    rename_tensors,
+    rewrite_tensors,
+    tensors_of,
+)
+from reference import FIXTURES, load_tensors, quantized_modules
 
 import lazyxform
 
@@ -149,6 +159,24 @@ def test_a_quantized_mtp_eh_proj_is_refused_by_name(tmp_path, model_type):
     edit_json(ckpt / "config.json", lambda c: c.update(model_type=model_type))
     with pytest.raises(lazyxform.UnplaceableModuleError, match=rf"{MTP}\.eh_proj\.weight \(uint8 \[256, 64\]\) in model\.safetensors: {MTP}\.eh_proj is quantized \(NVFP4\), but engines build a {model_type} model's eh_proj as a plain Linear"):
         stream(ckpt)
+
+
+def test_a_dequantized_mtp_eh_proj_is_a_plain_weight(tmp_path):
+    """An NVFP4_SVD eh_proj (nvfp4_svdquant's down_proj, the same [hidden, 2 * hidden] shape, in a
+    MIXED_PRECISION config) has no compressed-tensors target: the dequantize fallback streams a
+    plain bf16 weight, which the engine's nn.Linear loads, so it is not refused."""
+    ckpt = copy_fixture(MTP_FIXTURE, tmp_path)
+    source = "model.layers.0.mlp.down_proj."
+    svd = {f"{MTP}.eh_proj.{k.removeprefix(source)}": v for k, v in tensors_of("nvfp4_svdquant").items() if k.startswith(source)}
+    rewrite_tensors(ckpt, lambda t: t.update(svd))
+    layers = {m: {"quant_algo": "NVFP4", "group_size": 16} for m in quantized_modules(tensors_of(MTP_FIXTURE))}
+    layers[f"{MTP}.eh_proj"] = {"quant_algo": "NVFP4_SVD", "group_size": 16}
+    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"].update(quant_algo="MIXED_PRECISION", quantized_layers=layers))
+    edit_json(ckpt / "config.json", lambda c: c["quantization_config"].update(quant_algo="MIXED_PRECISION"))
+    ck, out = stream(ckpt)
+    assert ck.dense_modules == [f"{MTP}.eh_proj"]
+    assert f"{MTP}.eh_proj" in ck.quantization_config["ignore"]
+    assert out[f"{MTP}.eh_proj.weight"].dtype == torch.bfloat16 and out[f"{MTP}.eh_proj.weight"].shape == (256, 512)
 
 
 def test_an_mtp_layer_excluded_in_bf16_stays_dense(tmp_path):
