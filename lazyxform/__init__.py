@@ -22,6 +22,7 @@ from .errors import (
     NotAModelOptCheckpoint,
     TensorMismatchError,
     UnexpectedTensorError,
+    UnplaceableModuleError,
     UnsafePathError,
     UnsupportedAlgoError,
 )
@@ -106,6 +107,7 @@ __all__ = [
     "NotAModelOptCheckpoint",
     "TensorMismatchError",
     "UnexpectedTensorError",
+    "UnplaceableModuleError",
     "UnsafePathError",
     "UnsupportedAlgoError",
     "is_modelopt_checkpoint",

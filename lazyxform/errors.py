@@ -39,6 +39,11 @@ class UnexpectedTensorError(LazyxformError):
     """A quantized module carries a tensor its recipe does not understand."""
 
 
+class UnplaceableModuleError(LazyxformError):
+    """A quantized module the engine builds unquantized (DeepSeek's MTP `eh_proj`): its quantized
+    tensors have no parameter to go to."""
+
+
 class BadScaleError(LazyxformError):
     """A scale holds NaN, Inf, zero or negative values where the format forbids them."""
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, MissingTensorError, UnexpectedTensorError
+from .errors import ConfigError, MissingTensorError, UnexpectedTensorError, UnplaceableModuleError
 from .fallback import Fallback, plan_dense_fallback
 from .modelopt import ModelOptConfig, fnmatch_regex_source
 from .plan import ModulePlan, Plan, Rule, coalesce
@@ -57,6 +57,7 @@ def plan_and_config(
     all_targets = {name: recipe.target(m.cfg) for name, (m, recipe) in quantized.items()}
     dense = plan_dense_fallback({n: mr for n, mr in quantized.items() if all_targets[n] is None}, fallback, dtype)
     modules = {name: mr for name, mr in quantized.items() if name not in dense.modules}
+    _refuse_never_quantized(modules, topology, hf_config, dtype)  # a dequantized one is a plain weight
     targets: dict[str, Target] = {name: t for name, t in all_targets.items() if t is not None}
     pre = plan_pre_quant(modules, tensors, topology, cfg.kv_cache_algo)
 
@@ -166,6 +167,19 @@ def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtyp
     return modules
 
 
+def _refuse_never_quantized(modules: Quantized, topology: Topology, hf_config: dict[str, Any], dtype: torch.dtype) -> None:
+    """Quantized modules the engine builds without a quantization method (Topology.never_quantized)."""
+    for name, (m, _) in modules.items():
+        leaf = name.rpartition(".")[2]
+        if leaf in topology.never_quantized:
+            weight = m.info("weight")
+            raise UnplaceableModuleError(
+                f"{weight.describe()}: {name} is quantized ({m.cfg.algo}), but engines build a {hf_config.get('model_type')} "
+                f"model's {leaf} as a plain Linear with no quantization method, which loads only a {dtype} weight: "
+                "export it unquantized (exclude it from quantization)"
+            )
+
+
 def _fused_scale_sets(modules: Quantized, topology: Topology) -> list[list[tuple[Module, Recipe]]]:
     sets: list[list[tuple[Module, Recipe]]] = []
     seen: set[str] = set()
@@ -226,13 +240,14 @@ def _compressed_tensors_config(
 
 
 # Quantized modules that engines do not build as a Linear: a target must name them (vLLM gives its
-# ParallelLMHead a scheme only when one does).
-NOT_LINEAR = ("lm_head",)
+# ParallelLMHead a scheme only when one does). An MTP layer's output head (DeepSeek's
+# `model.layers.N.shared_head.head`) is a ParallelLMHead too.
+NOT_LINEAR = (".lm_head", ".shared_head.head")  # name endings, the dot included
 
 
 def single_group_targets(modules: list[str]) -> list[str]:
     """Targets of the one config group: every Linear, and by name what is quantized but not a Linear."""
-    return ["Linear", *sorted(set(modules) & set(NOT_LINEAR))]
+    return ["Linear", *sorted(m for m in modules if f".{m}".endswith(NOT_LINEAR))]
 
 
 def _ignore_list(cfg: ModelOptConfig, modules: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[str]:

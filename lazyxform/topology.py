@@ -34,6 +34,9 @@ class Topology:
     # Producers the checkpoint stores fused: leaf -> how many equal row blocks its output stacks (gate|up:
     # 2; q|k|v: 3, equal only when every query head has its own KV head). Its consumer reads the last.
     stacked_rows: dict[str, int] = field(default_factory=dict)
+    # Leaves the engines build as a plain torch Linear, with no quantization method, whatever the
+    # config says: a quantized one has nowhere to go (planning refuses it by name).
+    never_quantized: frozenset[str] = frozenset()
 
     def fused_family(self, leaf: str) -> tuple[str, ...]:
         """The leaves fused with `leaf`, itself included (a set of one when it is fused with none)."""
@@ -78,6 +81,10 @@ GEMMA = Topology(
 # GEMM (fused_qkv_a_proj); q_a_layernorm feeds only q_b_proj, kv_a_layernorm only kv_b_proj (whose
 # weight vLLM absorbs into attention at load time, so its scale cannot wait for run time). Dense
 # layers' MLPs are Llama's; MoE layers (router, shared and routed experts under `mlp.`) fold no norm.
+# A multi-token-prediction layer, `model.layers.{num_hidden_layers}`, is one more decoder layer (the
+# same facts apply: its leaves have the same names) plus enorm/hnorm, shared_head.norm/head,
+# embed_tokens and `eh_proj`, which vLLM (deepseek_mtp.py) and SGLang (deepseek_nextn.py) build as a
+# torch nn.Linear without a quantization method.
 DEEPSEEK = Topology(
     fused=(*FUSED_LEAVES, ("q_a_proj", "kv_a_proj_with_mqa")),
     norm_consumers={
@@ -88,12 +95,17 @@ DEEPSEEK = Topology(
     },
     mlp_leaves=LLAMA.mlp_leaves,
     row_producers={"down_proj": "up_proj"},
+    never_quantized=frozenset({"eh_proj"}),
 )
+# GLM-4.5 MoE: no facts but its MTP layer's eh_proj, an nn.Linear as DeepSeek's (vLLM glm4_moe_mtp.py, SGLang
+# glm4_moe_nextn.py).
+GLM4_MOE = Topology(never_quantized=DEEPSEEK.never_quantized)
 FAMILIES: dict[str, Topology] = {
     **{model_type: LLAMA for model_type in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral")},
     "phi3": PHI3,
     **{model_type: GEMMA for model_type in ("gemma", "gemma2", "gemma3", "gemma3_text")},
     **{model_type: DEEPSEEK for model_type in ("deepseek_v2", "deepseek_v3")},
+    "glm4_moe": GLM4_MOE,
 }
 
 

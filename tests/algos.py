@@ -156,6 +156,7 @@ class Fixture:
     folded_pqs: tuple[str, ...] = ()  # modules whose pre_quant_scale the stream folds away
     modules: int = 14  # quantized modules
     experts: int = 0  # of those, routed experts' projections (mlp.experts.{e}.*), each MoE layer with a router
+    mtp_modules: int = 0  # of those, in multi-token-prediction layers (model.layers.{num_hidden_layers}.*)
     mixed_precision: bool = False  # quant_algo MIXED_PRECISION, `algo` named per module in quantized_layers
     # Norms into which ModelOpt's exporter folded a scale that the norm's other readers do not share:
     # lazyxform warns, naming each (docs/recipes.md, "ModelOpt defect").
@@ -225,6 +226,10 @@ FIXTURE_TABLE: dict[str, Fixture] = {
     # ModelOpt's defect: the router and routed experts read that norm too.
     "deepseek_v3_fp8": Fixture("FP8", "deepseek_v3", modules=28, experts=12),
     "deepseek_v3_nvfp4": Fixture("NVFP4", "deepseek_v3", modules=28, experts=12),
+    # Edited from deepseek_v3_nvfp4: layer 1 (MoE) is the multi-token-prediction layer
+    # (num_hidden_layers 1, num_nextn_predict_layers 1), plus its bf16 enorm, hnorm, eh_proj,
+    # shared_head and embed_tokens.
+    "deepseek_v3_nvfp4_mtp": Fixture("NVFP4", "deepseek_v3", modules=28, experts=12, mtp_modules=20),
     "deepseek_v3_int4_awq": Fixture("W4A16_AWQ", "deepseek_v3", runtime_pqs=tuple(sorted(O_PROJ + experts(1, "gate_proj", "up_proj"))),
                                     folded_pqs=tuple(sorted(layers("self_attn.q_b_proj", "self_attn.kv_b_proj") + ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.down_proj") + experts(1, "down_proj"))),
                                     modules=28, experts=12, defective_norm_folds=("model.layers.1.post_attention_layernorm",)),

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import torch
 from algos import ROW_FOLD_EXTRA, algo_row
-from reference import FIXTURES, ct_decompress, fp32_reciprocal, int4_values, load_tensors, modelopt_weight
+from reference import (
+    FIXTURES,
+    ct_decompress,
+    fp32_reciprocal,
+    int4_values,
+    load_tensors,
+    modelopt_weight,
+    quantized_modules,
+)
 from safetensors.torch import save_file
 
 
@@ -70,6 +78,25 @@ def edit_json(path: Path, edit) -> None:
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data, indent=2))
+
+
+def exclude_in_bf16(ckpt: Path, algo: str, prefix: str) -> list[str]:
+    """The checkpoint with every quantized module under `prefix` decoded to bf16 by ModelOpt's
+    formula and `prefix*` excluded, as ModelOpt's hf_ptq exports a layer it left unquantized (an MTP
+    layer). Returns those modules."""
+    modules = [m for m in quantized_modules(load_tensors(ckpt)) if m.startswith(prefix)]
+
+    def decode(t: dict[str, torch.Tensor]) -> None:
+        for m in modules:
+            weight = modelopt_weight(algo, t, m).to(torch.bfloat16)
+            for k in [k for k in t if k.startswith(m + ".")]:
+                del t[k]
+            t[f"{m}.weight"] = weight
+
+    rewrite_tensors(ckpt, decode)
+    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"]["exclude_modules"].append(f"{prefix}*"))
+    edit_json(ckpt / "config.json", lambda c: c["quantization_config"]["ignore"].append(f"{prefix}*"))
+    return modules
 
 
 def tensors_of(name: str) -> dict[str, torch.Tensor]:

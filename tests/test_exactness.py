@@ -71,8 +71,10 @@ def test_unquantized_tensors_pass_through_bit_exact(case):
         assert tensor not in folded_norms
         assert orig[tensor].dtype == torch.bfloat16, tensor
         assert torch.equal(out[tensor], orig[tensor]), tensor
-    # The embedding, and lm_head unless quantized or tied to the embedding (Gemma 3: no lm_head.weight).
-    unquantized = ({"model.embed_tokens.weight", "lm_head.weight"} & set(orig)) - {f"{m.name}.weight" for m in ck.plan.modules}
-    assert {n for n in ck.plan.passthrough if n.endswith("embed_tokens.weight") or n == "lm_head.weight"} == unquantized
+    # The embeddings and output heads (the model's, and an MTP layer's embed_tokens and shared_head.head),
+    # unless quantized; a tied lm_head (Gemma 3) has no lm_head.weight.
+    heads = ("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight")
+    unquantized = {n for n in orig if n.endswith(heads)} - {f"{m.name}.weight" for m in ck.plan.modules}
+    assert {n for n in ck.plan.passthrough if n.endswith(heads)} == unquantized
     assert "model.embed_tokens.weight" in unquantized
     assert set(out) == set(ck.plan.passthrough) | {o for g in ck.plan.groups for o in g.outputs}

@@ -37,6 +37,21 @@ def test_each_recipe_maps_to_its_compressed_tensors_scheme(fixture):
     QuantizationConfig.model_validate(qc)  # round-trips through the library's own model
 
 
+def test_a_quantized_mtp_head_is_named_like_lm_head(tmp_path):
+    """DeepSeek's MTP output head (`model.layers.N.shared_head.head`) is a ParallelLMHead in vLLM, as
+    lm_head is: quantized, a target must name it. Its quantized tensors here are lm_head_nvfp4's
+    lm_head (same [vocab, hidden] shape)."""
+    ckpt = copy_fixture("deepseek_v3_nvfp4_mtp", tmp_path)
+    head = "model.layers.1.shared_head.head"
+    lm_head = {k.removeprefix("lm_head."): v for k, v in tensors_of("lm_head_nvfp4").items() if k.startswith("lm_head.")}
+    rewrite_tensors(ckpt, lambda t: t.update({f"{head}.{k}": v for k, v in lm_head.items()}))
+    ck = lazyxform.open(ckpt, device="cpu")
+    (group,) = ck.quantization_config["config_groups"].values()
+    assert group["targets"] == ["Linear", head]
+    assert head not in ck.quantization_config["ignore"]
+    check_module("NVFP4", load_tensors(ckpt), dict(ck), ck.quantization_config, head)
+
+
 def test_exclude_wildcards_become_anchored_regexes():
     cfg = ModelOptConfig(source=FIXTURES, default=None, exclude=["lm_head", "model.layers.0.self_attn*", "model.layers.?.mlp.gate"])
     ignore = _ignore_list(cfg, {}, {})

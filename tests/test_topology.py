@@ -12,8 +12,18 @@ import warnings
 import pytest
 import torch
 from algos import FIXTURE_TABLE, representatives
-from helpers import MLP, copy_fixture, edit_json, make_moe, moe_name, rename_tensors, rewrite_tensors
-from reference import FIXTURES
+from helpers import (
+    MLP,
+    copy_fixture,
+    edit_json,
+    exclude_in_bf16,
+    make_moe,
+    moe_name,
+    rename_tensors,
+    rewrite_tensors,
+    tensors_of,
+)
+from reference import FIXTURES, load_tensors, quantized_modules
 
 import lazyxform
 
@@ -108,3 +118,77 @@ def test_deepseek_mla_a_projections_are_one_gemm_whose_nvfp4_global_scales_must_
     rewrite_tensors(ckpt, lambda t: t.update({key: t[key] * 2}))
     with pytest.raises(lazyxform.InconsistentScalesError, match=rf"{re.escape(scale)} of siblings fused into one GEMM: .*q_a_proj\.{scale} and .*kv_a_proj_with_mqa\.{scale} differ"):
         stream(ckpt)
+
+
+# --- Multi-token prediction (DeepSeek-V3 layout: model.layers.{num_hidden_layers}.*) -----------------
+
+MTP_FIXTURE = "deepseek_v3_nvfp4_mtp"
+MTP = "model.layers.1"  # its num_hidden_layers is 1
+
+
+def test_mtp_layer_gets_the_deepseek_facts_of_any_decoder_layer():
+    """The MTP layer's fused q_a/kv_a and shared-expert gate/up share one global scale group, as
+    the main layers' do; its router, eh_proj, embedding and head stay dense and ignored."""
+    ck, out = stream(FIXTURES / MTP_FIXTURE)
+    groups = {frozenset(g.inputs) for g in ck.plan.groups}
+    for fused in (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")):
+        for layer in ("model.layers.0", MTP):
+            if layer == "model.layers.0" and "shared_experts" in fused[0]:
+                continue  # layer 0 is dense
+            assert frozenset(f"{layer}.{leaf}.weight_scale_2" for leaf in fused) in groups, (layer, fused)
+    assert len([m for m in ck.plan.modules if m.name.startswith(MTP + ".")]) == FIXTURE_TABLE[MTP_FIXTURE].mtp_modules
+    dense = [f"{MTP}.{m}" for m in ("mlp.gate", "eh_proj", "embed_tokens", "shared_head.head")]
+    assert set(dense) <= set(ck.quantization_config["ignore"])
+    assert {f"{m}.weight" for m in dense} <= set(ck.plan.passthrough)
+    assert {f"{MTP}.{n}.weight" for n in ("enorm", "hnorm", "shared_head.norm")} <= set(ck.plan.passthrough)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe"])
+def test_a_quantized_mtp_eh_proj_is_refused_by_name(tmp_path, model_type):
+    """vLLM and SGLang build DeepSeek's (and GLM-4.5's) MTP eh_proj as a plain nn.Linear: quantized
+    tensors for it would have no parameter to go to. The quantized tensors are the MTP layer's
+    shared-expert down_proj's, under eh_proj's name."""
+    ckpt = copy_fixture(MTP_FIXTURE, tmp_path)
+    source = f"{MTP}.mlp.shared_experts.down_proj."
+
+    def quantize_eh_proj(t):
+        del t[f"{MTP}.eh_proj.weight"]
+        t.update({f"{MTP}.eh_proj.{k.removeprefix(source)}": v.clone() for k, v in t.items() if k.startswith(source)})
+
+    rewrite_tensors(ckpt, quantize_eh_proj)
+    edit_json(ckpt / "config.json", lambda c: c.update(model_type=model_type))
+    with pytest.raises(lazyxform.UnplaceableModuleError, match=rf"{MTP}\.eh_proj\.weight \(uint8 \[256, 64\]\) in model\.safetensors: {MTP}\.eh_proj is quantized \(NVFP4\), but engines build a {model_type} model's eh_proj as a plain Linear"):
+        stream(ckpt)
+
+
+def test_a_dequantized_mtp_eh_proj_is_a_plain_weight(tmp_path):
+    """An NVFP4_SVD eh_proj (nvfp4_svdquant's down_proj, the same [hidden, 2 * hidden] shape, in a
+    MIXED_PRECISION config) has no compressed-tensors target: the dequantize fallback streams a
+    plain bf16 weight, which the engine's nn.Linear loads, so it is not refused."""
+    ckpt = copy_fixture(MTP_FIXTURE, tmp_path)
+    source = "model.layers.0.mlp.down_proj."
+    svd = {f"{MTP}.eh_proj.{k.removeprefix(source)}": v for k, v in tensors_of("nvfp4_svdquant").items() if k.startswith(source)}
+    rewrite_tensors(ckpt, lambda t: t.update(svd))
+    layers = {m: {"quant_algo": "NVFP4", "group_size": 16} for m in quantized_modules(tensors_of(MTP_FIXTURE))}
+    layers[f"{MTP}.eh_proj"] = {"quant_algo": "NVFP4_SVD", "group_size": 16}
+    edit_json(ckpt / "hf_quant_config.json", lambda c: c["quantization"].update(quant_algo="MIXED_PRECISION", quantized_layers=layers))
+    edit_json(ckpt / "config.json", lambda c: c["quantization_config"].update(quant_algo="MIXED_PRECISION"))
+    ck, out = stream(ckpt)
+    assert ck.dense_modules == [f"{MTP}.eh_proj"]
+    assert f"{MTP}.eh_proj" in ck.quantization_config["ignore"]
+    assert out[f"{MTP}.eh_proj.weight"].dtype == torch.bfloat16 and out[f"{MTP}.eh_proj.weight"].shape == (256, 512)
+
+
+def test_an_mtp_layer_excluded_in_bf16_stays_dense(tmp_path):
+    """What ModelOpt's hf_ptq writes (the MTP layer re-attached unquantized, `model.layers.N*` in
+    exclude_modules) and NVIDIA's DeepSeek FP4 releases keep: the MTP layer's Linears here are the
+    fixture's own weights decoded to bf16 by ModelOpt's formula."""
+    ckpt = copy_fixture(MTP_FIXTURE, tmp_path)
+    mtp_modules = exclude_in_bf16(ckpt, "NVFP4", MTP)  # ModelOpt writes `model.layers.N*`
+    ck, out = stream(ckpt)
+    assert len(mtp_modules) == FIXTURE_TABLE[MTP_FIXTURE].mtp_modules
+    assert len(ck.plan.modules) == FIXTURE_TABLE[MTP_FIXTURE].modules - len(mtp_modules)
+    assert rf"re:{re.escape(MTP)}.*" in ck.quantization_config["ignore"]
+    orig = load_tensors(ckpt)
+    for name in (n for n in orig if n.startswith(MTP + ".")):
+        assert name in ck.plan.passthrough and torch.equal(out[name], orig[name]), name

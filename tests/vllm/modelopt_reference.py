@@ -50,6 +50,14 @@ def transformers_name(name: str) -> str:
     return name
 
 
+def mtp_layers(config: dict) -> tuple[str, ...]:
+    """Name prefixes of the multi-token-prediction layers (DeepSeek-V3's layout: the decoder layers
+    after the last one, `num_nextn_predict_layers` of them): a speculative draft's weights, which
+    transformers does not build and vLLM's main model skips."""
+    first = config["num_hidden_layers"]
+    return tuple(f"model.layers.{i}." for i in range(first, first + (config.get("num_nextn_predict_layers") or 0)))
+
+
 def read_algos(ckpt: Path) -> tuple[str, str | None]:
     """(quant_algo, kv_cache_quant_algo), upper-cased: ModelOpt writes some raw internal names
     in lower case ("fp8_pb_wo", "mxfp4"; doc section 6, item 7)."""
@@ -285,8 +293,9 @@ class Reference:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         ckpt = Path(ckpt)
         _, kv_algo = read_algos(ckpt)
-        tensors = {transformers_name(k): v for k, v in load_tensors(ckpt).items()}
         config_dict = json.loads((ckpt / "config.json").read_text())
+        self.mtp = mtp_layers(config_dict)  # not the main model's: left out
+        tensors = {transformers_name(k): v for k, v in load_tensors(ckpt).items() if not k.startswith(self.mtp)}
         config_dict.pop("quantization_config", None)
         config = AutoConfig.for_model(**config_dict)
         config._attn_implementation = "eager"

