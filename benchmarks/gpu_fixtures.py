@@ -304,38 +304,10 @@ def worker(request_path: Path, result_path: Path) -> None:
 # ---- compare: anywhere, after serve ----
 
 
-def reference_logprobs(path: Path, ids: list[list[int]], options: dict[str, Any]) -> Any:
-    """modelopt_reference's logprobs for the prompts, rows as the engine's prompt logprobs."""
-    import torch
-    from modelopt_reference import Reference
-
-    ref = Reference(path, **options)
-    return torch.cat([ref.logprobs(p)[:-1] for p in ids])
-
-
-def deviation(path: Path, ids: list[list[int]], got: Any, options: dict[str, Any], bound: float) -> dict[str, Any]:
-    """|got - reference| and the reference's own bf16 noise, max and mean, and whether got is within
-    `bound` x noise (vllm_support.within, the CPU tests' rule)."""
-    import torch
-    from vllm_support import within
-
-    want = reference_logprobs(path, ids, options)
-    noise = (reference_logprobs(path, ids, {**options, "dtype": torch.bfloat16}) - want).abs()
-    err = (got - want).abs()
-    return {
-        "reference": options,
-        "max": float(err.max()),
-        "mean": float(err.mean()),
-        "noise_max": float(noise.max()),
-        "noise_mean": float(noise.mean()),
-        "bound": bound,
-        "within": within(err, noise, bound),
-    }
-
-
 def compare(out: Path, fixtures: Path) -> list[dict]:
     sys.path[:0] = [str(p) for p in TESTS]
     import torch
+    from modelopt_reference import deviation
     from test_vllm_fixtures import CASES
 
     runs = json.loads((out / "runs.json").read_text())

@@ -173,33 +173,10 @@ def run_worker(request: Path, result: Path) -> None:
 # ---- compare: after serve, anywhere ----
 
 
-def deviation(path: Path, ids: list[list[int]], got: Any, options: dict[str, Any], bound: float) -> dict[str, Any]:
-    """|got - reference| against the reference's own bf16 noise, max and mean (the tests' bound)."""
-    import torch
-    from modelopt_reference import Reference
-    from sglang_support import within
-
-    def logprobs(**extra: Any) -> torch.Tensor:
-        ref = Reference(path, **{**options, **extra})
-        return torch.cat([ref.logprobs(p)[:-1] for p in ids])
-
-    want = logprobs()
-    noise = (logprobs(dtype=torch.bfloat16) - want).abs()
-    err = (got - want).abs()
-    return {
-        "reference": options,
-        "max": float(err.max()),
-        "mean": float(err.mean()),
-        "noise_max": float(noise.max()),
-        "noise_mean": float(noise.mean()),
-        "bound": bound,
-        "within": within(err, noise, bound),
-    }
-
-
 def compare(out: Path, fixtures: Path) -> list[dict]:
     sys.path[:0] = [str(p) for p in TESTS]
     import torch
+    from modelopt_reference import deviation
     from sglang_support import prompt_ids
     from test_sglang_fixtures import CASES
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 from algos import FIXTURE_TABLE
-from modelopt_reference import Reference
+from modelopt_reference import Reference, within
 from reference import ct_decompress, load_tensors
-from sglang_support import describe, prompt_ids, run_engine, within
+from sglang_support import describe, prompt_ids, run_engine
 
 import lazyxform
 

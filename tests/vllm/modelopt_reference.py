@@ -428,3 +428,31 @@ class Experts(nn.Module):
             y = self._input(self.act_fn(gate) * up, e, "down_proj") @ w["down_proj"].T
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
+
+
+def within(err: torch.Tensor, noise: torch.Tensor, factor: float) -> bool:
+    """The engine tests' bound: max and mean deviation each within `factor` x the reference's noise."""
+    return bool(err.max() <= factor * noise.max() and err.mean() <= factor * noise.mean())
+
+
+def deviation(ckpt: Path, ids: list[list[int]], got: torch.Tensor, options: dict, bound: float) -> dict:
+    """An engine's prompt logprobs (rows of all prompts stacked, as both engines' harnesses record
+    them) against this reference with `options`: |got - reference| and the reference's own bf16
+    noise, max and mean, and whether got is `within` bound (the GPU harnesses' report)."""
+
+    def logprobs(**extra) -> torch.Tensor:
+        ref = Reference(ckpt, **{**options, **extra})
+        return torch.cat([ref.logprobs(p)[:-1] for p in ids])
+
+    want = logprobs()
+    noise = (logprobs(dtype=torch.bfloat16) - want).abs()
+    err = (got - want).abs()
+    return {
+        "reference": options,
+        "max": float(err.max()),
+        "mean": float(err.mean()),
+        "noise_max": float(noise.max()),
+        "noise_mean": float(noise.mean()),
+        "bound": bound,
+        "within": within(err, noise, bound),
+    }

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from modelopt_reference import Reference
+from modelopt_reference import Reference, within
 from reference import load_tensors
-from vllm_support import dense_twin, describe, run_engine, within
+from vllm_support import dense_twin, describe, run_engine
 
 KV_FP8 = ("fp8_kv_fp8", "nvfp4_kv_fp8", "qwen3moe_fp8")
 

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import shard_checkpoint
+from modelopt_reference import within
 from tiny_tokenizer import write_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 from vllm_support import (
@@ -21,7 +22,6 @@ from vllm_support import (
     engine,
     prompt_logprobs,
     quantization,
-    within,
 )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from helpers import edit_json, make_moe, rewrite_tensors
+from modelopt_reference import within
 from reference import modelopt_weight
 from tiny_tokenizer import write_tokenizer
 from vllm_support import (
@@ -27,7 +28,6 @@ from vllm_support import (
     prompt_logprobs,
     quantization,
     reference_logprobs,
-    within,
 )
 
 BOUND_FACTOR = 2.0

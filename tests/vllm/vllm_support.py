@@ -136,9 +136,6 @@ def deviation_from_reference(ckpt: Path, ids: list[list[int]], got: torch.Tensor
     return (got - want).abs(), (reference_logprobs(ckpt, ids, dtype=torch.bfloat16) - want).abs()
 
 
-def within(err: torch.Tensor, noise: torch.Tensor, factor: float) -> bool:
-    return bool(err.max() <= factor * noise.max() and err.mean() <= factor * noise.mean())
-
 
 def describe(name: str, err: torch.Tensor, noise: torch.Tensor) -> str:
     return f"{name}: |vLLM - reference| max {err.max():.4f} mean {err.mean():.5f}; bf16 noise max {noise.max():.4f} mean {noise.mean():.5f}"
