@@ -13,11 +13,11 @@ from typing import Any
 import torch
 
 from .errors import LazyxformWarning, NotAModelOptCheckpoint
-from .fallback import Fallback
+from .fallback import ExpertsInputScale, Fallback
 from .modelopt import ModelOptConfig, read_modelopt_config
 from .plan import Plan
 from .planner import plan_and_config
-from .reader import read_tensors
+from .reader import read_each, read_tensors
 from .shards import TensorInfo, index_checkpoint
 from .stream import rewrite
 
@@ -50,6 +50,7 @@ class Checkpoint:
         device: str | torch.device | None = None,
         fallback: Fallback = "dequantize",
         staging_bytes: int | None = None,
+        experts_input_scale: ExpertsInputScale = "runtime",
     ) -> None:
         self.path = Path(path)
         if not self.path.exists():
@@ -58,7 +59,9 @@ class Checkpoint:
         self.staging_bytes = staging_bytes
         self.modelopt_config: ModelOptConfig
         self.plan: Plan
-        self.modelopt_config, self._raw_config, self.plan, self._build_config = _planned(self.path.resolve(), fallback, _signature(self.path))
+        self.modelopt_config, self._raw_config, self.plan, self._build_config = _planned(
+            self.path.resolve(), fallback, experts_input_scale, _signature(self.path)
+        )
         for warning in self.plan.warnings:
             warnings.warn(warning, LazyxformWarning, stacklevel=3)  # the caller of lazyxform.open
 
@@ -131,11 +134,12 @@ def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
 
 @functools.lru_cache(maxsize=PLANS_CACHED)
 def _planned(
-    path: Path, fallback: Fallback, signature: tuple[tuple[str, int, int], ...]
+    path: Path, fallback: Fallback, experts_input_scale: ExpertsInputScale, signature: tuple[tuple[str, int, int], ...]
 ) -> tuple[ModelOptConfig, dict[str, Any], Plan, Callable[[], dict[str, Any]]]:
     """Config, plan and config builder of one checkpoint state (`signature` is only the cache key)."""
     modelopt_config, raw_config = read_modelopt_config(path)
-    plan, build_config = plan_and_config(modelopt_config, index_checkpoint(path), raw_config, fallback)
+    tensors = index_checkpoint(path)
+    plan, build_config = plan_and_config(modelopt_config, tensors, raw_config, fallback, experts_input_scale, read_each)
     return modelopt_config, raw_config, plan, functools.cache(build_config)
 
 
@@ -144,9 +148,15 @@ def open(  # noqa: A001
     device: str | torch.device | None = None,
     fallback: Fallback = "dequantize",
     staging_bytes: int | None = None,
+    experts_input_scale: ExpertsInputScale = "runtime",
 ) -> Checkpoint:
     """Open a ModelOpt checkpoint directory. `device=None` picks cuda when available, else cpu.
     `fallback` decides what happens to modules whose format has no compressed-tensors scheme
     (NVFP4_SVD): "dequantize" them to the model dtype with a warning, or raise ("error").
-    `staging_bytes` bounds the pinned host memory of a GPU load (default 256 MiB)."""
-    return Checkpoint(path, device, fallback, staging_bytes)
+    `staging_bytes` bounds the pinned host memory of a GPU load (default 256 MiB).
+    `experts_input_scale`: where routed experts' gate/up pre_quant_scales differ between the experts
+    of a layer, "runtime" (default) keeps them for an engine kernel that scales each expert's input
+    (`runtime_pre_quant_scale`); "dense", for an engine whose fused-MoE kernel takes one input for
+    all experts, streams those layers' experts as dense model-dtype weights with the scales
+    multiplied in (`dense_modules`; planning then reads those scale vectors, not only headers)."""
+    return Checkpoint(path, device, fallback, staging_bytes, experts_input_scale)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, MissingTensorError, UnexpectedTensorError, UnplaceableModuleError
-from .fallback import Fallback, plan_dense_fallback
+from .fallback import ExpertsInputScale, Fallback, Read, plan_dense_experts, plan_dense_fallback
 from .modelopt import ModelOptConfig, fnmatch_regex_source
 from .plan import ModulePlan, Plan, Rule, coalesce
 from .prequant import PQS, plan_pre_quant
@@ -46,10 +46,17 @@ def build_plan(
 
 
 def plan_and_config(
-    cfg: ModelOptConfig, tensors: dict[str, TensorInfo], hf_config: dict[str, Any], fallback: Fallback = "dequantize"
+    cfg: ModelOptConfig,
+    tensors: dict[str, TensorInfo],
+    hf_config: dict[str, Any],
+    fallback: Fallback = "dequantize",
+    experts_input_scale: ExpertsInputScale = "runtime",
+    read: Read | None = None,
 ) -> tuple[Plan, Callable[[], dict[str, Any]]]:
     """The plan, and a function that builds the compressed-tensors config: only it imports
-    compressed-tensors (seconds), which `lazyxform inspect` without --json never needs."""
+    compressed-tensors (seconds), which `lazyxform inspect` without --json never needs.
+    experts_input_scale="dense" is the one case that reads tensor values (`read`): the routed
+    experts' gate/up pre_quant_scales (fallback.plan_dense_experts)."""
     dtype = model_dtype(hf_config)
     topology = topology_of(hf_config)
     kv_args = kv_cache_args(cfg.kv_cache_algo) if cfg.kv_cache_algo else None  # an unknown one is refused first
@@ -58,12 +65,14 @@ def plan_and_config(
     dense = plan_dense_fallback({n: mr for n, mr in quantized.items() if all_targets[n] is None}, fallback, dtype)
     modules = {name: mr for name, mr in quantized.items() if name not in dense.modules}
     _refuse_never_quantized(modules, topology, hf_config, dtype)  # a dequantized one is a plain weight
-    targets: dict[str, Target] = {name: t for name, t in all_targets.items() if t is not None}
+    experts = plan_dense_experts(modules, experts_input_scale, read, dtype)
+    modules = {name: mr for name, mr in modules.items() if name not in experts.modules}
+    targets: dict[str, Target] = {name: t for name, t in all_targets.items() if t is not None and name in modules}
     pre = plan_pre_quant(modules, tensors, topology, cfg.kv_cache_algo)
 
     rules: list[Rule] = list(pre.rules)
-    for m, recipe in dense.modules.values():
-        rules += _declared(recipe, recipe.dense_rules(m), [m], recipe.reads + (PQS,), recipe.writes)
+    for m, recipe in [*dense.modules.values(), *experts.modules.values()]:
+        rules += _declared(recipe, recipe.dense_rules(m), [m], recipe.reads + (PQS,), ("weight",))
     for name, (m, recipe) in modules.items():
         row_factor = pre.row_factors.get(name)
         own = tuple(s for s in recipe.reads if s not in recipe.shared)
@@ -93,16 +102,15 @@ def plan_and_config(
         for name, (m, recipe) in modules.items()
     ]
     plan = Plan(
-        modules=sorted(module_plans + dense.module_plans(), key=lambda p: p.name),
+        modules=sorted(module_plans + dense.module_plans() + experts.module_plans(), key=lambda p: p.name),
         groups=groups,
         passthrough=[n for n in tensors if n not in consumed],
         runtime_pre_quant_scale=pre.runtime,
         tensors=tensors,
     )
-    if dense.warning:
-        plan.warnings.append(dense.warning)
+    plan.warnings += [w for w in (dense.warning, experts.warning) if w]
     plan.warnings += pre.warnings
-    ignore = _ignore_list(cfg, quantized, tensors) + sorted(dense.modules)
+    ignore = _ignore_list(cfg, quantized, tensors) + sorted(dense.modules) + sorted(experts.modules)
 
     def config() -> dict[str, Any]:
         return _compressed_tensors_config(targets, group_names, ignore, kv_args)

@@ -45,9 +45,13 @@ def int4_rows_to_ct_packed_many(packed_rows: Sequence[torch.Tensor]) -> list[tor
 
 def int4_rows_to_ct_packed_torch(packed_rows: torch.Tensor) -> torch.Tensor:
     """`int4_rows_to_ct_packed` in torch ops, on any device (the reference for the Triton kernel)."""
+    return pack_int32_cols(int4_rows_values(packed_rows), 4)
+
+
+def int4_rows_values(packed_rows: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., O/2, I] (ModelOpt: two output rows per byte, low nibble first) -> signed int8 q [..., O, I]."""
     low = (packed_rows & 0xF).to(torch.int8)
     high = (packed_rows >> 4).to(torch.int8)
     # Two's-complement nibble n -> signed value: (n ^ 8) - 8.
     rows = torch.stack(((low ^ 8) - 8, (high ^ 8) - 8), dim=-2)  # [..., O/2, 2, I]
-    q = rows.reshape(*packed_rows.shape[:-2], 2 * packed_rows.shape[-2], packed_rows.shape[-1])
-    return pack_int32_cols(q, 4)
+    return rows.reshape(*packed_rows.shape[:-2], 2 * packed_rows.shape[-2], packed_rows.shape[-1])

@@ -13,10 +13,22 @@ import torch
 
 from ..errors import UnsupportedAlgoError
 from ..modelopt import AlgoConfig
-from ..ops.int4 import int4_rows_to_ct_packed, int4_rows_to_ct_packed_many
+from ..ops.int4 import int4_rows_to_ct_packed, int4_rows_to_ct_packed_many, int4_rows_values
 from ..ops.pack import shape_tensor, shape_tensors
 from ..plan import Rule, Tensors
-from .base import Args, Module, Recipe, RowFactor, Target, block_count, checked_and_dropped, expect, scale_rule
+from .base import (
+    PQS,
+    Args,
+    Module,
+    Recipe,
+    RowFactor,
+    Target,
+    block_count,
+    check_scale,
+    checked_and_dropped,
+    expect,
+    scale_rule,
+)
 from .fp8 import fp8_args
 
 DEFAULT_GROUP = 128  # ModelOpt's INT4 block size when the config does not say
@@ -47,11 +59,15 @@ class Int4AwqRecipe(Recipe):
     def target(self, cfg: AlgoConfig) -> Target:
         return Target(int4_group_weights(cfg), None, "pack-quantized")
 
-    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
+    def expect_weight(self, m: Module) -> tuple[int, int]:
         out, inp = self.weight_shape(m)
         groups = block_count(m, inp, int4_group_weights(m.cfg).group_size)
         expect(m.info("weight"), (torch.uint8,), (out // 2, inp))
         expect(m.info("weight_scale"), (torch.float32,), (out, groups))
+        return out, inp
+
+    def rules(self, m: Module, row_factor: RowFactor | None) -> list[Rule]:
+        out, inp = self.expect_weight(m)
         w, packed, shape = m.key("weight"), m.key("weight_packed"), m.key("weight_shape")
 
         def repack(t: Tensors) -> dict[str, torch.Tensor]:
@@ -62,6 +78,30 @@ class Int4AwqRecipe(Recipe):
             Rule("weight uint8 [out/2, in] (2 rows per byte) -> weight_packed int32 [out, in/8] + weight_shape", (w,), (packed, shape), repack, repack_many),
             scale_rule(f"weight_scale: float32 -> {dtype}", m.key("weight_scale"), m.key("weight_scale"), lambda s: s, dtype=m.model_dtype, row_factor=row_factor),
         ]
+
+    def dense_rules(self, m: Module) -> list[Rule]:
+        """W = q * weight_scale (per group), times the module's pre_quant_scale over the input
+        columns when it has one (the dense experts of fallback.plan_dense_experts): formed in
+        float64, where q (4 bits) x an fp32 scale x a 16- or 32-bit pre_quant_scale is exact, then
+        rounded once to the model dtype. Other scales (W4A8's) are checked and dropped: the engine
+        runs the dense weight on unquantized activations."""
+        out, inp = self.expect_weight(m)
+        w, ws = m.key("weight"), m.key("weight_scale")
+        pqs = (m.key(PQS),) if PQS in m.tensors else ()
+
+        def dense(t: Tensors) -> dict[str, torch.Tensor]:
+            for n in (ws, *pqs):
+                check_scale(n, t[n])
+            scale = t[ws].double()
+            weight = int4_rows_values(t[w]).double() * scale.repeat_interleave(inp // scale.shape[1], dim=1)
+            for n in pqs:
+                weight = weight * t[n].double()
+            return {w: weight.to(m.model_dtype)}
+
+        dtype = str(m.model_dtype).removeprefix("torch.")
+        label = f"weight = int4 x weight_scale{' x pre_quant_scale (columns)' if pqs else ''} -> {dtype}"
+        others = [s for s in self.reads if s not in ("weight", "weight_scale")]
+        return [Rule(label, (w, ws, *pqs), (w,), dense), *(checked_and_dropped(m.key(s), "unquantized activations") for s in others)]
 
 
 class W4A8AwqRecipe(Int4AwqRecipe):

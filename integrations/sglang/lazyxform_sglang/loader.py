@@ -16,7 +16,7 @@ import torch
 
 import lazyxform
 
-from .config import MARK
+from .config import MARK, experts_input_scale
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def get_weights_iterator(original: Callable[..., Weights], loader: Any, source: 
     # A secondary source (another path, or a prefix) is not the checkpoint lazyxform planned.
     if source.prefix or source.model_or_path != model_config.model_path:
         return weights
-    ck = lazyxform.open(quant[MARK]["checkpoint"])  # on the GPU when there is one
+    # On the GPU when there is one; planned as the quantization config was.
+    ck = lazyxform.open(quant[MARK]["checkpoint"], experts_input_scale=experts_input_scale())
     logger.info("lazyxform: rewriting the weight stream of %s on %s", quant[MARK]["checkpoint"], ck.device)
     return ck.wrap(weights)

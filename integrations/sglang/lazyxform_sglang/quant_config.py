@@ -27,7 +27,7 @@ from sglang.srt.utils import is_cpu
 import lazyxform
 from lazyxform.emulate import Scheme
 
-from .config import MARK
+from .config import MARK, experts_input_scale
 from .schemes import PerShardInputScaleScheme, PortableMoEScheme, PortableScheme, PreQuantScaleScheme
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class LazyxformConfig(CompressedTensorsConfig):
     def from_config(cls, config: dict[str, Any]) -> LazyxformConfig:
         quant_config = super().from_config(config)  # builds `cls`: the schemes are SGLang's own
         directory = config[MARK]["checkpoint"]
-        ck = lazyxform.open(directory, device="cpu")  # configs and headers only
+        # Configs and headers only (plus dense experts' [hidden] pre_quant_scale vectors, on the CPU).
+        ck = lazyxform.open(directory, device="cpu", experts_input_scale=experts_input_scale())
         quant_config.checkpoint_dir = directory
         quant_config.algos = ", ".join(sorted(lazyxform.read_modelopt_algos(directory)))
         quant_config.checkpoint_modules = frozenset(m.name for m in ck.plan.modules)
@@ -93,7 +94,7 @@ class LazyxformConfig(CompressedTensorsConfig):
     def _experts_method(self, layer: FusedMoE, prefix: str) -> QuantizeMethodBase | None:
         input_scaled = any(n.startswith(prefix + ".") for n in self.runtime_pre_quant_scale)
         if not is_cpu():
-            if input_scaled:
+            if input_scaled:  # experts lazyxform did not stream dense (one scale per layer, or a format it cannot dequantize)
                 raise self._refusal(prefix, "experts with a pre_quant_scale lazyxform could not fold (SGLang's fused-MoE kernels take no per-expert input scale)")
             return super().get_quant_method(layer, prefix)
         # SGLang's own choice (get_moe_scheme) asks for a GPU: the experts' scheme, read as it reads it.

@@ -12,8 +12,12 @@ Two cases, told apart by the loaded values:
   MoE layer, and one [experts, hidden] scale tensor per layer kept until loading ends.
 - the scales differ per expert (DeepSeek-V3, whose MoE block ModelOpt does not resmooth): only a
   kernel that scales each expert's tokens can compute it. lazyxform's portable CPU kernel does
-  (portable.PortableMoEMethod, `scales_each_experts_input`); with any other kernel loading stops with
-  a typed error naming the layer.
+  (portable.PortableMoEMethod, `scales_each_experts_input`). For any other kernel the plugin opens
+  the checkpoint with experts_input_scale="dense" (quant_config.experts_input_scale): such a layer's
+  experts then arrive as dense weights with the scales multiplied in, listed in `ignore`, and vLLM
+  runs its unquantized fused MoE for it; this class never sees them. Where lazyxform cannot
+  dequantize the experts' format (only INT4 AWQ experts are densified), loading stops here with a
+  typed error naming the layer.
 
 A run-time scale on the experts' down_proj (its input lives inside the fused kernel) is refused when
 the method is chosen; lazyxform folds it into up_proj's rows wherever the format allows (INT4, INT8).
@@ -88,7 +92,8 @@ class ExpertsInputScale(FusedMoEMethodBase):
             raise UnsupportedAlgoError(
                 f"{layer.layer_name}: the experts' gate/up pre_quant_scale differs between experts (0 vs {differ}); "
                 f"{type(self).__name__} runs every expert on one input and has no per-expert input scale. lazyxform's "
-                "portable CPU kernel computes this layer (vLLM on a CPU)"
+                "portable CPU kernel computes this layer (vLLM on a CPU), and lazyxform streams such experts dense "
+                "for other kernels only where it can dequantize their format (INT4 AWQ)"
             )
         super().process_weights_after_loading(layer)
 

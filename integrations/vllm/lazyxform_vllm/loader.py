@@ -33,7 +33,7 @@ import lazyxform.profile
 from lazyxform import LazyxformError
 
 from .config_parser import MARK
-from .quant_config import NAME
+from .quant_config import NAME, experts_input_scale
 
 logger: logging.Logger = init_logger(f"vllm.{__name__}")
 
@@ -97,7 +97,8 @@ def install_loader_hook() -> None:
         if model_config.quantization != NAME:
             return weights
         directory = model_config.hf_config.quantization_config[MARK]["checkpoint"]
-        ck = lazyxform.open(directory)  # on the GPU when there is one: vLLM's worker set the device
+        # On the GPU when there is one (vLLM's worker set the device); planned as the quantization config was.
+        ck = lazyxform.open(directory, experts_input_scale=experts_input_scale())
         mode = reader_mode()
         if mode != "off" and (mode == "on" or ck.device.type == "cuda") and own_reader_fits(self, model):
             logger.info("lazyxform: reading and rewriting %s on %s (%s=off to use vLLM's reader)", directory, ck.device, READER_ENV)

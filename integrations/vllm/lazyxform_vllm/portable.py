@@ -90,6 +90,12 @@ def wants_portable(scheme: Scheme | None, experts: bool = False) -> bool:
     return chosen == "portable" or (chosen == "auto" and (experts or not vllm_cpu_computes(scheme)))
 
 
+def experts_run_portable() -> bool:
+    """Whether quantized routed experts on this CPU run PortableMoEMethod (wants_portable(scheme,
+    experts=True) for every scheme): unless LAZYXFORM_VLLM_CPU_KERNELS=off."""
+    return mode() != "off"
+
+
 ANNOUNCED: set[tuple[str, str]] = set()
 
 

@@ -18,6 +18,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.platforms import current_platform
 
 import lazyxform
+from lazyxform.fallback import ExpertsInputScale
 
 from .config_parser import MARK
 from .experts import scale_experts_input
@@ -29,6 +30,20 @@ if TYPE_CHECKING:
 logger: logging.Logger = init_logger(f"vllm.{__name__}")
 
 NAME = "lazyxform"
+
+
+def experts_input_scale() -> ExpertsInputScale:
+    """What lazyxform.open should do with routed experts whose gate/up pre_quant_scale differs between
+    experts: keep it ("runtime") where the experts run lazyxform's portable CPU fused-MoE kernel, which
+    scales each expert's input; everywhere else ("dense": every GPU, vLLM's own CPU kernels under
+    LAZYXFORM_VLLM_CPU_KERNELS=off) vLLM's fused-MoE kernel takes one input for all experts, so those
+    layers' experts are streamed dense with the scales multiplied in (experts.py: what runs)."""
+    if current_platform.is_cpu():
+        from . import portable
+
+        if portable.experts_run_portable():
+            return "runtime"
+    return "dense"
 
 
 class LazyxformConfig(CompressedTensorsConfig):
@@ -60,8 +75,9 @@ class LazyxformConfig(CompressedTensorsConfig):
                 f"quantization={NAME!r} needs a ModelOpt checkpoint seen by the lazyxform config parser; this "
                 f"quantization config (quant_method {config.get('quant_method')!r}) has no {MARK!r} mark"
             )
-        # Configs and headers only; no tensor is read, so no device is touched in this process.
-        ck = lazyxform.open(mark["checkpoint"], device="cpu")
+        # Configs and headers only (plus, for dense experts, their [hidden] pre_quant_scale vectors,
+        # read on the CPU): no device is touched in this process.
+        ck = lazyxform.open(mark["checkpoint"], device="cpu", experts_input_scale=experts_input_scale())
         # compressed-tensors' from_config builds `cls`, so the schemes are vLLM's own.
         quant_config = super().from_config(copy.deepcopy(ck.quantization_config))
         quant_config.checkpoint_dir = mark["checkpoint"]
