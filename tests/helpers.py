@@ -193,6 +193,17 @@ def make_moe(fixture: str, tmp: Path, naming: str, experts: int = 2) -> Path:
     return ckpt
 
 
+# The MIXED_PRECISION layout of the planner's and vLLM's mixed-checkpoint tests (make_mixed): five
+# formats over two layers; the NVFP4_SVD module is dequantized and ignored.
+MIXED_LAYOUT = {
+    "model.layers.0.self_attn": ("nvfp4", {"quant_algo": "NVFP4", "group_size": 16}),
+    "model.layers.0.mlp": ("int4_awq", {"quant_algo": "W4A16_AWQ", "group_size": 128, "has_zero_point": False, "pre_quant_scale": True}),
+    "model.layers.1.self_attn": ("mxfp8", {"quant_algo": "MXFP8", "group_size": 32}),
+    "model.layers.1.self_attn.o_proj": ("nvfp4_svdquant", {"quant_algo": "NVFP4_SVD", "group_size": 16}),
+    "model.layers.1.mlp": ("w4a8_nvfp4_fp8", {"quant_algo": "W4A8_NVFP4_FP8", "group_size": 32}),
+}
+
+
 def make_mixed(tmp: Path, layout: dict[str, tuple[str, dict]]) -> Path:
     """MIXED_PRECISION checkpoint: `layout` maps a module-name prefix (model.layers.0.mlp, or one
     module) to (fixture, quantized_layers spec); every tensor under the prefix, and for a whole

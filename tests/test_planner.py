@@ -9,7 +9,16 @@ import re
 import pytest
 from algos import FIXTURE_TABLE, fixtures
 from compressed_tensors.quantization import QuantizationConfig
-from helpers import check_module, copy_fixture, edit_json, folded_row_factor, make_mixed, rewrite_tensors, tensors_of
+from helpers import (
+    MIXED_LAYOUT,
+    check_module,
+    copy_fixture,
+    edit_json,
+    folded_row_factor,
+    make_mixed,
+    rewrite_tensors,
+    tensors_of,
+)
 from reference import FIXTURES, load_tensors, quantized_modules
 
 import lazyxform
@@ -129,26 +138,16 @@ def test_mixed_precision_gets_one_group_per_scheme_targeted_per_layer(tmp_path):
     assert out["model.layers.1.mlp.up_proj.weight_scale"].shape == (512, 1)
 
 
-# Built from fixture tensors (helpers.make_mixed); NVFP4_SVD modules are dequantized and ignored.
-LAYOUT = {
-    "model.layers.0.self_attn": ("nvfp4", {"quant_algo": "NVFP4", "group_size": 16}),
-    "model.layers.0.mlp": ("int4_awq", {"quant_algo": "W4A16_AWQ", "group_size": 128, "has_zero_point": False, "pre_quant_scale": True}),
-    "model.layers.1.self_attn": ("mxfp8", {"quant_algo": "MXFP8", "group_size": 32}),
-    "model.layers.1.self_attn.o_proj": ("nvfp4_svdquant", {"quant_algo": "NVFP4_SVD", "group_size": 16}),
-    "model.layers.1.mlp": ("w4a8_nvfp4_fp8", {"quant_algo": "W4A8_NVFP4_FP8", "group_size": 32}),
-}
-
-
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    ckpt = make_mixed(tmp_path_factory.mktemp("mixed"), LAYOUT)
+    ckpt = make_mixed(tmp_path_factory.mktemp("mixed"), MIXED_LAYOUT)
     with pytest.warns(lazyxform.LazyxformWarning, match=r"NVFP4_SVD has no compressed-tensors equivalent: 1 modules are dequantized .*: model\.layers\.1\.self_attn\.o_proj$"):
         ck = lazyxform.open(ckpt, device="cpu")
     return ck, load_tensors(ckpt), dict(ck)
 
 
 def layout_algo(module: str) -> str:
-    return LAYOUT[max((p for p in LAYOUT if module.startswith(p + ".") or module == p), key=len)][1]["quant_algo"]
+    return MIXED_LAYOUT[max((p for p in MIXED_LAYOUT if module.startswith(p + ".") or module == p), key=len)][1]["quant_algo"]
 
 
 def test_mixed_precision_one_config_group_per_scheme_targeting_exactly_its_modules(mixed):

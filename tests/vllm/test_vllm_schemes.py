@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from algos import FIXTURE_TABLE, SERVED, fixtures
 from compressed_tensors.quantization import QuantizationArgs
-from helpers import make_mixed
+from helpers import MIXED_LAYOUT, make_mixed
 from reference import FIXTURES
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
 
@@ -69,18 +69,8 @@ def test_vllm_accepts_a_fully_dequantized_config():
     assert CompressedTensorsConfig.from_config(qc).ignore == qc["ignore"]
 
 
-# tests/test_planner.py's MIXED_PRECISION layout.
-LAYOUT = {
-    "model.layers.0.self_attn": ("nvfp4", {"quant_algo": "NVFP4", "group_size": 16}),
-    "model.layers.0.mlp": ("int4_awq", {"quant_algo": "W4A16_AWQ", "group_size": 128, "has_zero_point": False, "pre_quant_scale": True}),
-    "model.layers.1.self_attn": ("mxfp8", {"quant_algo": "MXFP8", "group_size": 32}),
-    "model.layers.1.self_attn.o_proj": ("nvfp4_svdquant", {"quant_algo": "NVFP4_SVD", "group_size": 16}),
-    "model.layers.1.mlp": ("w4a8_nvfp4_fp8", {"quant_algo": "W4A8_NVFP4_FP8", "group_size": 32}),
-}
-
-
 def test_vllm_maps_every_layer_to_its_group(tmp_path):
     with pytest.warns(lazyxform.LazyxformWarning):
-        ck = lazyxform.open(make_mixed(tmp_path, LAYOUT), device="cpu")
+        ck = lazyxform.open(make_mixed(tmp_path, MIXED_LAYOUT), device="cpu")
     parsed = CompressedTensorsConfig.from_config(ck.quantization_config)
     assert set(parsed.target_scheme_map) == {m.name for m in ck.plan.modules if m.scheme != "ignore"}
