@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs of issue 14 on the lent machine, once the CUDA vLLM kit is installed
-# (../shared/tools/gpu-vllm/README.md), from the repository root:
+# (the workplace's gpu-vllm kit, outside this repository: benchmarks/README.md), from the repository root:
 #   [TP2="int4_awq nvfp4"] bash benchmarks/run_gpu_vllm.sh fixtures FIXTURES_DIR   # every fixture through vLLM (gpu_fixtures.py serve); TP2: also at TP=2
 #   bash benchmarks/run_gpu_vllm.sh load                     # 8B-shaped load times (gpu_load.py)
 # Results: $OUT/<step>.tgz.part?? (split under the transfer's 16 MiB a file): cat them | tar xz.
