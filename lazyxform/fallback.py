@@ -91,17 +91,13 @@ def plan_dense_experts(
         raise ValueError(f"experts_input_scale must be one of {EXPERTS_INPUT_SCALES}, got {choice!r}")
     if choice == "runtime":
         return DenseFallback({}, None)
-    layers: dict[str, list[str]] = {}
-    for name in modules:
-        match = EXPERT.match(name)
-        if match:
+    layers: dict[str, list[str]] = {}  # `<layer>.experts` -> its expert modules
+    scaled: dict[str, TensorInfo] = {}  # expert gate/up module -> its pre_quant_scale
+    for name, (m, _) in modules.items():
+        if match := EXPERT.match(name):
             layers.setdefault(match["experts"], []).append(name)
-    scaled = {
-        name: modules[name][0].info(PQS)
-        for names in layers.values()
-        for name in names
-        if EXPERT.match(name)["leaf"] in EXPERT_INPUT_LEAVES and PQS in modules[name][0].tensors  # type: ignore[index]
-    }
+            if match["leaf"] in EXPERT_INPUT_LEAVES and PQS in m.tensors:
+                scaled[name] = m.info(PQS)
     if not scaled:
         return DenseFallback({}, None)
     if read is None:
@@ -117,7 +113,7 @@ def plan_dense_experts(
             dense.update((n, modules[n]) for n in names)
     if not dense:
         return DenseFallback({}, None)
-    layer_names = sorted({EXPERT.match(n)["experts"] for n in dense})  # type: ignore[index]
+    layer_names = sorted(layer for layer, names in layers.items() if names[0] in dense)
     dtype_name = str(dtype).removeprefix("torch.")
     dense_bytes = sum(out * inp for out, inp in (r.weight_shape(m) for m, r in dense.values())) * dtype.itemsize
     # As the engine would hold them quantized: the stored weight codes, the weight scales in the model dtype.
