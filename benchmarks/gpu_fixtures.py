@@ -70,7 +70,7 @@ MOE_TRITON = {"moe_backend": "triton"}
 WEIGHT_ONLY = {"quantize_activations": False}
 H200_CASES: dict[str, tuple[dict[str, Any], float]] = {
     **dict.fromkeys(
-        ["nvfp4", "nvfp4_awq_clip", "nvfp4_awq_lite", "nvfp4_mlp_only", "mxfp4", "w4a8_mxfp4_fp8", "phi3_nvfp4", "deepseek_v3_nvfp4", "lm_head_nvfp4"],
+        ["nvfp4", "nvfp4_awq_clip", "nvfp4_awq_lite", "nvfp4_mlp_only", "mxfp4", "w4a8_mxfp4_fp8", "phi3_nvfp4", "deepseek_v3_nvfp4", "deepseek_v3_nvfp4_mtp", "lm_head_nvfp4"],
         (WEIGHT_ONLY, 2.0),
     ),
     "fp8_kv_fp8": ({}, 2.0),

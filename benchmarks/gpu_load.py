@@ -1,7 +1,7 @@
 """Load time of a real vLLM engine on 8B-shaped synthetic checkpoints: lazyxform against vLLM's own
 path for the same weights, every ratio within one run.
 
-    python benchmarks/gpu_load.py --data /tmp/lx-data --out DIR [--formats fp8 nvfp4 int4_awq] [--repeats 1]
+    python benchmarks/gpu_load.py bench --data /tmp/lx-data --out DIR [--formats fp8 nvfp4 int4_awq] [--repeats 1] [--arms ARM...]
 
 Per format (make_checkpoint.py's Llama-3-8B shapes, written to --data if missing):
 * fp8, nvfp4: `native` (LAZYXFORM_VLLM_ROUTE=off: vLLM's ModelOpt path), `lazyxform` (route all,
@@ -260,6 +260,7 @@ def main() -> None:
     b.add_argument("--formats", nargs="*", default=["fp8", "nvfp4", "int4_awq"])
     b.add_argument("--repeats", type=int, default=1, help="rounds; each later round runs the arms in reverse order")
     b.add_argument("--timeout", type=float, default=240.0, help="seconds per engine")
+    b.add_argument("--arms", nargs="*", help="arms to run beside each format's baseline (default: all)")
     w = sub.add_parser("worker", help=argparse.SUPPRESS)
     w.add_argument("request")
     w.add_argument("result", type=Path)
@@ -277,7 +278,8 @@ def main() -> None:
     warmup = run_arm(warm_fmt, "warmup", warm_ckpt, warm_env, args.out, args.timeout)
     records = []
     for fmt in args.formats:
-        order = arms(fmt, args.data)
+        baseline, *others = arms(fmt, args.data)
+        order = [baseline, *(a for a in others if args.arms is None or a[0] in args.arms)]
         for round_ in range(args.repeats):
             for arm, ckpt, env in order if round_ % 2 == 0 else order[::-1]:
                 records.append(run_arm(fmt, arm, ckpt, env, args.out, args.timeout))
