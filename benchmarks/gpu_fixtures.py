@@ -17,7 +17,9 @@ the fixtures vLLM loads natively, compared bit for bit with `all`; a few `all` r
 reader (LAZYXFORM_VLLM_READER=off), compared bit for bit with lazyxform's reader; and MoE runs with
 vLLM's default MoE backend as probes with a short timeout (on an H200 it is FlashInfer's CUTLASS
 MoE, compiled at first use when no prebuilt FlashInfer kernels are installed), next to the main
-MoE runs on the Triton backend; and, with `--tp2 NAME...`, those fixtures at tensor parallel size 2,
+MoE runs on the Triton backend; for INT4 MoE fixtures a run on vLLM's bf16 emulation of the experts
+beside its default Marlin WNA16 MoE; for every MoE fixture its dense twin (no quantization, no
+lazyxform) as vLLM's own deviation from the reference on the architecture; and, with `--tp2 NAME...`, those fixtures at tensor parallel size 2,
 compared with their TP=1 run: the same greedy tokens, and logprobs within the reference's bf16 noise.
 """
 
@@ -57,6 +59,13 @@ WORKER_ENV = {
 # FP8 MoE on vLLM's Triton backend (its default, FlashInfer's CUTLASS MoE, compiles for minutes); vLLM
 # 0.26 has no Triton backend for WNA16 MoE ("Expected one of ['marlin', ...]"), which keeps its default.
 MOE_TRITON = {"moe_backend": "triton"}
+# WNA16 MoE on vLLM's "emulation" backend (the experts dequantized to bf16 once, then its Triton MoE),
+# beside the Marlin WNA16 MoE it picks by default: the same weights through another kernel.
+EMULATED_MOE = {"moe_backend": "emulation"}
+# A MoE fixture's dense twin (tests/vllm/modelopt_reference.dense_twin: every quantized weight decoded by the
+# reference's formulas, pre_quant_scale multiplied in, written as a plain bf16 checkpoint), served by
+# vLLM alone: vLLM's own deviation from the reference on the architecture, no quantization involved.
+DENSE = "dense"
 # Where vLLM 0.26 on an H200 (compute capability 9.0) computes another function than the one
 # tests/vllm/test_vllm_fixtures.py's CASES check on a CPU, in its own ModelOpt path and in
 # compressed-tensors' alike: modelopt_reference options replacing the case's, and the bound, for the
@@ -110,7 +119,7 @@ def native_fixtures(fixtures: Path, names: list[str]) -> set[str]:
 
 def is_moe(fixture: Path) -> bool:
     config = json.loads((fixture / "config.json").read_text())
-    return bool(config.get("num_experts") or config.get("num_local_experts"))
+    return bool(config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts"))
 
 
 def moe_options(fixture: Path) -> dict[str, Any]:
@@ -122,6 +131,8 @@ def moe_options(fixture: Path) -> dict[str, Any]:
 
 
 def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float, tp2: list[str]) -> list[Run]:
+    import lazyxform
+
     native = native_fixtures(fixtures, names)
     runs = [Run(n, "all", "tp2", {**moe_options(fixtures / n), "tensor_parallel_size": 2}, timeout_s=timeout_s) for n in tp2]
     for n in names:
@@ -132,6 +143,11 @@ def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float
             runs.append(Run(n, "all", "vllm-reader" + ("-triton-moe" if llm else ""), llm, {"LAZYXFORM_VLLM_READER": "off"}, timeout_s))
         if llm:  # the default MoE backend too, as a probe
             runs += [Run(n, r, "default-moe", timeout_s=probe_s) for r in routes]
+        elif is_moe(fixtures / n) and lazyxform.read_modelopt_algos(fixtures / n) == {"W4A16_AWQ"}:
+            # INT4 experts: vLLM's bf16 emulation of them beside its default WNA16 MoE (Marlin)
+            runs.append(Run(n, "all", "emulation-moe", EMULATED_MOE, timeout_s=timeout_s))
+        if is_moe(fixtures / n):
+            runs.append(Run(n, "off", DENSE, MOE_TRITON, timeout_s=timeout_s))
     # Probes last: they may spend their whole timeout compiling.
     return sorted(runs, key=lambda r: r.tag == "default-moe")
 
@@ -181,6 +197,11 @@ def record(run: Run, rc: int, wall: float, timed_out: bool, out: Path) -> dict:
 
 
 def start(run: Run, model: Path, out: Path) -> subprocess.Popen:
+    if run.tag == DENSE:
+        sys.path[:0] = [str(p) for p in TESTS]
+        from modelopt_reference import dense_twin
+
+        model = dense_twin(model, out / DENSE / run.fixture)
     request = out / f"{run.name}.request.json"
     request.write_text(json.dumps({"model": str(model), "route": run.route, "llm": run.llm, "env": run.env, "traceback_s": run.timeout_s - 10}))
     with open(out / f"{run.name}.log", "w") as log:

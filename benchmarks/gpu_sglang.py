@@ -1,10 +1,10 @@
 """Bundled ModelOpt fixtures through SGLang's engine on a GPU (`sglang.Engine`, no quantization
 argument), one engine per process, checked against the dense reference the CPU tests use:
 
-    python benchmarks/gpu_sglang.py serve --out DIR [--only int4_awq fp8 ...] [--device cuda]
+    python benchmarks/gpu_sglang.py serve --out DIR [--only int4_awq fp8 ...] [--device cuda] [--jobs N]
     python benchmarks/gpu_sglang.py compare DIR       # again, anywhere: reference, bounds, table
 
-`serve` runs each fixture in its own process (tests/sglang/engine_worker.py: the prompts and prompt
+`serve` runs each fixture in its own process, --jobs at once (tests/sglang/engine_worker.py: the prompts and prompt
 log-probabilities of tests/sglang), with route `all` (lazyxform serves it) and, for the fixtures
 SGLang's own ModelOpt support loads, route `off` (SGLang's native path), whose logprobs must equal
 lazyxform's bit for bit where both run. A run that fails or outlives --timeout is recorded with its
@@ -22,6 +22,7 @@ there, and it has no W4A16 NVFP4 scheme) are reported as such instead of run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -109,7 +110,9 @@ def plan(fixtures: Path, names: list[str]) -> list[dict[str, Any]]:
     return runs
 
 
-def serve(out: Path, fixtures: Path, names: list[str], device: str, tp_size: int, timeout_s: float) -> list[dict]:
+def serve(out: Path, fixtures: Path, names: list[str], device: str, tp_size: int, timeout_s: float, jobs: int) -> list[dict]:
+    """Every run, `jobs` engines at once (in the order of `names`: put a fixture whose kernels SGLang
+    compiles at first use first, so the others run meanwhile)."""
     sys.path[:0] = [str(p) for p in TESTS]
     from helpers import servable_copies
     from sglang_support import prompt_ids
@@ -117,50 +120,69 @@ def serve(out: Path, fixtures: Path, names: list[str], device: str, tp_size: int
     out.mkdir(parents=True, exist_ok=True)
     copy = servable_copies(out / "fixtures", fixtures)
     engine = {**(GPU_ENGINE if device == "cuda" else {}), "tp_size": tp_size}
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))  # the run in flight is killed
-    done = []
-    for run in plan(fixtures, names):
-        began = time.monotonic()
-        if run["skip"]:
-            run.update(rc=None, wall_s=0.0, error=f"not run: {run['skip']}")
-        else:
-            model = copy(run["fixture"])
-            request = out / f"{run['name']}.request.json"
-            request.write_text(
-                json.dumps(
-                    {"model": str(model), "device": device, "ids": prompt_ids(model), "weights": [], "engine": engine}
-                )
-            )
-            run.update(worker(run["name"], request, out, timeout_s))
-        run["wall_s"] = round(time.monotonic() - began, 1)
+    pending = plan(fixtures, names)
+    running: list[tuple[dict[str, Any], subprocess.Popen, float]] = []
+    done: list[dict[str, Any]] = []
+
+    def finish(run: dict[str, Any], wall: float) -> None:
+        run["wall_s"] = round(wall, 1)
         done.append(run)
         print(f"{run['name']}: rc {run['rc']} in {run['wall_s']} s {run.get('error', '')[:200]}", flush=True)
         (out / "runs.json").write_text(json.dumps(done, indent=2))
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"stopped with {len(running)} runs in flight"))
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                run = pending.pop(0)
+                if run["skip"]:
+                    run.update(rc=None, error=f"not run: {run['skip']}")
+                    finish(run, 0.0)
+                    continue
+                model = copy(run["fixture"])
+                request = out / f"{run['name']}.request.json"
+                request.write_text(
+                    json.dumps({"model": str(model), "device": device, "ids": prompt_ids(model), "weights": [], "engine": engine})
+                )
+                running.append((run, start(run["name"], request, out), time.monotonic()))
+            time.sleep(0.5)
+            for item in list(running):
+                run, proc, began = item
+                wall = time.monotonic() - began
+                if proc.poll() is None and wall <= timeout_s:
+                    continue
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)  # SGLang's scheduler leaves the GPU with it
+                    proc.wait()
+                    run.update(rc=None, error=f"timed out after {timeout_s} s")
+                else:
+                    run.update(outcome(out / f"{run['name']}.log", proc.returncode))
+                running.remove(item)
+                finish(run, wall)
+    finally:  # stopped (SIGTERM, an error): the engines in flight go too
+        for _, proc, _ in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
     return done
 
 
-def worker(name: str, request: Path, out: Path, timeout_s: float) -> dict[str, Any]:
+def start(name: str, request: Path, out: Path) -> subprocess.Popen:
     """engine_worker.py in a session of its own (a kill takes SGLang's scheduler along)."""
     env = {**os.environ, KERNELS_ENV: str(out / f"{name}.kernels"), "LAZYXFORM_SGLANG_ROUTE": name.rsplit("-", 1)[1]}
     env["PYTHONPATH"] = os.pathsep.join([str(p) for p in TESTS] + [env.get("PYTHONPATH", "")])
     with open(out / f"{name}.log", "w") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, __file__, "worker", str(request), str(out / f"{name}.pt")],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return {"rc": None, "error": f"timed out after {timeout_s} s"}
-        finally:  # timed out, or this harness stopped (SIGTERM): the engine leaves the GPU with it
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    if rc != 0:
-        lines = (out / f"{name}.log").read_text(errors="replace").splitlines()
-        errors = [line for line in lines if "Error" in line or "error" in line]
-        return {"rc": rc, "error": (errors[-1] if errors else lines[-1] if lines else "")[-600:]}
-    return {"rc": 0}
+
+
+def outcome(log: Path, rc: int) -> dict[str, Any]:
+    if rc == 0:
+        return {"rc": 0}
+    lines = log.read_text(errors="replace").splitlines()
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return {"rc": rc, "error": (errors[-1] if errors else lines[-1] if lines else "")[-600:]}
 
 
 def run_worker(request: Path, result: Path) -> None:
@@ -245,6 +267,7 @@ def main() -> None:
     s.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (SGLang's CPU engine)")
     s.add_argument("--tp-size", type=int, default=1)
     s.add_argument("--timeout", type=float, default=240.0, help="seconds per run")
+    s.add_argument("--jobs", type=int, default=1, help="engines at once")
     c = sub.add_parser("compare", help="deviation from the reference, bounds, native twins, table")
     c.add_argument("out", type=Path)
     c.add_argument("--fixtures", type=Path, default=FIXTURES)
@@ -253,7 +276,7 @@ def main() -> None:
     w.add_argument("result", type=Path)
     args = parser.parse_args()
     if args.command == "serve":
-        serve(args.out, args.fixtures.resolve(), args.only, args.device, args.tp_size, args.timeout)
+        serve(args.out, args.fixtures.resolve(), args.only, args.device, args.tp_size, args.timeout, args.jobs)
         print(table(compare(args.out, args.fixtures.resolve())))
     elif args.command == "compare":
         print(table(compare(args.out, args.fixtures.resolve())))

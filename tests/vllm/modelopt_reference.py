@@ -17,6 +17,7 @@ they were computed from.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 from reference import SVD_A, SVD_B, WEIGHT_SCALES, load_tensors, modelopt_weight, quantized_modules
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -456,3 +458,29 @@ def deviation(ckpt: Path, ids: list[list[int]], got: torch.Tensor, options: dict
         "bound": bound,
         "within": within(err, noise, bound),
     }
+
+
+def dense_twin(ckpt: Path, dst: Path) -> Path:
+    """The function `ckpt` encodes as a plain bf16 checkpoint (no quantization config): each quantized
+    weight decoded by the reference's ModelOpt formulas, its pre_quant_scale multiplied into its
+    columns; everything else as exported. What an engine computes for it is vLLM's own deviation from the
+    reference on this architecture, with no quantization and no lazyxform involved."""
+    tensors = load_tensors(ckpt)
+    modules = quantized_modules(tensors)
+    algos = module_algos(ckpt, modules)
+    dense = {}
+    for m in modules:
+        w = dequantize(algos[m], tensors, m).float()
+        pqs = tensors.get(f"{m}.pre_quant_scale")
+        dense[f"{m}.weight"] = (w if pqs is None else w * pqs.float()[None, :]).to(torch.bfloat16)
+    quantized = {k for m in modules for k in tensors if k.startswith(f"{m}.") and k != f"{m}.bias"}
+    dense |= {k: v for k, v in tensors.items() if k not in quantized and k not in dense}
+    dst.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        if f.suffix != ".safetensors" and f.name != "hf_quant_config.json":
+            shutil.copy(f, dst / f.name)
+    config = json.loads((dst / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in dense.items()}, str(dst / "model.safetensors"))
+    return dst

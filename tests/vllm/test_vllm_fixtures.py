@@ -34,9 +34,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from modelopt_reference import Reference, within
+from modelopt_reference import Reference, dense_twin, within
 from reference import load_tensors
-from vllm_support import dense_twin, describe, run_engine
+from vllm_support import describe, run_engine
 
 KV_FP8 = ("fp8_kv_fp8", "nvfp4_kv_fp8", "qwen3moe_fp8")
 
@@ -56,7 +56,7 @@ class Case:
     # how: "one scale" (every expert's the same) or "per expert" (the portable kernel).
     experts_input_scale: tuple[int, str] | None = None
     # The noise floor also holds vLLM's own deviation on this architecture: the same function served
-    # as a dense bf16 checkpoint (vllm_support.dense_twin: no quantization, no lazyxform), elementwise
+    # as a dense bf16 checkpoint (modelopt_reference.dense_twin: no quantization, no lazyxform), elementwise
     # the larger of the two.
     dense_engine_floor: bool = False
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,9 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from modelopt_reference import Reference, dequantize, module_algos
-from reference import load_tensors, quantized_modules
-from safetensors.torch import save_file
+from modelopt_reference import Reference
 from vllm import LLM, SamplingParams
 
 ROUTE_ENV = "LAZYXFORM_VLLM_ROUTE"  # what lazyxform_vllm reads; spelled out so a rename breaks the tests
@@ -136,32 +133,5 @@ def deviation_from_reference(ckpt: Path, ids: list[list[int]], got: torch.Tensor
     return (got - want).abs(), (reference_logprobs(ckpt, ids, dtype=torch.bfloat16) - want).abs()
 
 
-
 def describe(name: str, err: torch.Tensor, noise: torch.Tensor) -> str:
     return f"{name}: |vLLM - reference| max {err.max():.4f} mean {err.mean():.5f}; bf16 noise max {noise.max():.4f} mean {noise.mean():.5f}"
-
-
-def dense_twin(ckpt: Path, dst: Path) -> Path:
-    """The function `ckpt` encodes as a plain bf16 checkpoint (no quantization config): each quantized
-    weight decoded by the reference's ModelOpt formulas, its pre_quant_scale multiplied into its
-    columns; everything else as exported. What vLLM computes for it is vLLM's own deviation from the
-    reference on this architecture, with no quantization and no lazyxform involved."""
-    tensors = load_tensors(ckpt)
-    modules = quantized_modules(tensors)
-    algos = module_algos(ckpt, modules)
-    dense = {}
-    for m in modules:
-        w = dequantize(algos[m], tensors, m).float()
-        pqs = tensors.get(f"{m}.pre_quant_scale")
-        dense[f"{m}.weight"] = (w if pqs is None else w * pqs.float()[None, :]).to(torch.bfloat16)
-    quantized = {k for m in modules for k in tensors if k.startswith(f"{m}.") and k != f"{m}.bias"}
-    dense |= {k: v for k, v in tensors.items() if k not in quantized and k not in dense}
-    dst.mkdir(parents=True)
-    for f in ckpt.iterdir():
-        if f.suffix != ".safetensors" and f.name != "hf_quant_config.json":
-            shutil.copy(f, dst / f.name)
-    config = json.loads((dst / "config.json").read_text())
-    config.pop("quantization_config", None)
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in dense.items()}, str(dst / "model.safetensors"))
-    return dst
