@@ -273,6 +273,8 @@ def layer_kernels(model: Any) -> dict[str, list[str]]:
                 inner = getattr(scheme, "inner", None)  # SGLang's PreQuantScaleScheme wraps another scheme
                 if inner is not None:
                     parts += [type(inner).__name__, *kernel_attrs(inner)]
+            if hasattr(module, "experts_input_scale"):  # experts' one gate/up pre_quant_scale, mixed into the method or scheme
+                parts.append("experts_input_scale")
         backend = getattr(module, "attn_backend", None)
         if backend is not None:
             parts.append(f"attn_backend={backend.get_name()}")

@@ -118,6 +118,7 @@ SGLANG_SCHEME: dict[str, tuple[str | None, str | None]] = {
 SGLANG_MOE_SCHEME: dict[str, tuple[str, str]] = {
     "FP8": ("CompressedTensorsW8A8Fp8MoE",) * 2,
     "NVFP4": ("CompressedTensorsW4A16Nvfp4MoE", "CompressedTensorsW4A4Nvfp4MoE"),
+    "W4A16_AWQ": ("CompressedTensorsWNA16MoE", "CompressedTensorsWNA16TritonMoE"),  # Marlin, Triton
 }
 
 # Other names of an algo in ALGOS (same recipe, same output): the tests stream the canonical algo's

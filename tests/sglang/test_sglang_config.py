@@ -20,6 +20,7 @@ from reference import FIXTURES, load_tensors, quantized_modules
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.layers.linear import LinearBase
 from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+from sglang.srt.layers.quantization.compressed_tensors import compressed_tensors
 from sglang.srt.layers.quantization.compressed_tensors.schemes import (
     compressed_tensors_w4a4_nvfp4_moe as w4a4_nvfp4_moe,
 )
@@ -37,7 +38,13 @@ from lazyxform_sglang import compat, quant_config
 from lazyxform_sglang import config as sglang_config
 from lazyxform_sglang.config import MARK
 from lazyxform_sglang.routing import native_algos
-from lazyxform_sglang.schemes import PerShardInputScaleScheme, PortableMoEScheme, PortableScheme, PreQuantScaleScheme
+from lazyxform_sglang.schemes import (
+    PerShardInputScaleScheme,
+    PortableMoEScheme,
+    PortableScheme,
+    PreQuantScaleMoEScheme,
+    PreQuantScaleScheme,
+)
 
 FIXTURE_NAMES = SERVED
 # SGLang's layers of each architecture (its model files' names) checked in decoder layer 0, plus the
@@ -259,24 +266,42 @@ def test_input_quantizers_kept_on_a_cpu() -> None:
 def test_moe_experts_on_a_gpu(name: str, sm: str, monkeypatch) -> None:
     """Experts on a GPU: SGLang's own fused-MoE scheme. Experts whose gate/up pre_quant_scale differs
     between experts are streamed dense (deepseek_v3_int4_awq: SGLang's unquantized fused MoE, no
-    scheme); experts that still keep one (one scale per layer: qwen3moe_int4_awq) are refused by name
-    (SGLang's fused-MoE kernels take no input scale)."""
+    scheme); experts that keep one scale per layer (qwen3moe_int4_awq) get SGLang's scheme with the
+    scale mixed in, still of its class and named as it (test_sglang_schemes.py runs that on a CPU)."""
     monkeypatch.setattr(quant_config, "is_cpu", lambda: False)
     monkeypatch.setattr(sglang_config, "is_cpu", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: SM[sm])
-    # The W4A4 NVFP4 experts' constructor asks SGLang's platform whether it is a Blackwell (SM 10.x).
+    # The W4A4 NVFP4 experts' constructor asks SGLang's platform whether it is a Blackwell (SM 10.x), and
+    # the INT4 experts' choice whether it is an SM 10.0 (Triton there, Marlin elsewhere).
     monkeypatch.setattr(w4a4_nvfp4_moe, "get_platform", lambda: SimpleNamespace(is_blackwell=SM[sm] >= (10, 0)))
+    monkeypatch.setattr(compressed_tensors, "get_platform", lambda: SimpleNamespace(is_sm100=SM[sm] == (10, 0)))
     prefix = EXPERTS[FIXTURE_TABLE[name].model_type]
     config = lazyxform_config(FIXTURES / name)
     if any(m.startswith(f"{prefix}.") for m in config.runtime_pre_quant_scale):
-        with pytest.raises(quant_config.UnsupportedSglangSchemeError, match=rf"^{prefix}: SGLang 0\.5\.23 cannot run experts with a pre_quant_scale"):
-            config.get_quant_method(stand_in(FusedMoE), prefix)
+        layer = stand_in(FusedMoE)
+        assert type(config.get_quant_method(layer, prefix)).__name__ == "CompressedTensorsFusedMoEMethod"
+        assert isinstance(layer.scheme, PreQuantScaleMoEScheme)
+        assert isinstance(layer.scheme, type(config.get_moe_scheme(stand_in(FusedMoE), prefix)))
+        assert type(layer.scheme).__name__ == SGLANG_MOE_SCHEME[FIXTURE_TABLE[name].algo][list(SM).index(sm)]
         return
     if name == "deepseek_v3_int4_awq":
         assert any(m.startswith(f"{prefix}.") for m in FIXTURE_TABLE[name].runtime_pqs)  # on a CPU
         assert config.get_moe_scheme(stand_in(FusedMoE), prefix) is None  # ignored: UnquantizedFusedMoEMethod
         return
     assert type(config.get_moe_scheme(stand_in(FusedMoE), prefix)).__name__ == SGLANG_MOE_SCHEME[FIXTURE_TABLE[name].algo][list(SM).index(sm)]
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_experts_whose_down_proj_keeps_a_scale_are_refused_by_name(gpu: bool, monkeypatch) -> None:
+    """A run-time pre_quant_scale on the experts' down_proj (whose input lives inside the fused-MoE
+    kernel; lazyxform folds it where the format allows) has no parameter in SGLang's expert mapping,
+    which would skip it silently: refused, on a CPU and on a GPU."""
+    monkeypatch.setattr(quant_config, "is_cpu", lambda: not gpu)
+    prefix = EXPERTS["qwen3_moe"]
+    config = lazyxform_config(FIXTURES / "qwen3moe_int4_awq")
+    config.runtime_pre_quant_scale |= {f"{prefix}.0.down_proj"}
+    with pytest.raises(quant_config.UnsupportedSglangSchemeError, match=rf"^{prefix}: SGLang 0\.5\.23 cannot run experts whose down_proj keeps a pre_quant_scale"):
+        config.get_quant_method(stand_in(FusedMoE), prefix)
 
 
 def test_experts_whose_projections_differ_are_refused_by_name() -> None:

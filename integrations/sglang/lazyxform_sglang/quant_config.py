@@ -28,7 +28,14 @@ import lazyxform
 from lazyxform.emulate import Scheme
 
 from .config import MARK, experts_input_scale
-from .schemes import PerShardInputScaleScheme, PortableMoEScheme, PortableScheme, PreQuantScaleScheme
+from .schemes import (
+    PerShardInputScaleScheme,
+    PortableMoEScheme,
+    PortableScheme,
+    PreQuantScaleScheme,
+    UnsupportedSglangSchemeError,
+    scale_experts_input,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +43,6 @@ logger = logging.getLogger(__name__)
 # The fusions of SGLang's stacked_params_mapping in its Llama-family models, many of which declare no
 # packed_modules_mapping (llama.py does not).
 FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-
-
-class UnsupportedSglangSchemeError(lazyxform.UnsupportedAlgoError):
-    """SGLang has no kernel path for a layer's compressed-tensors scheme."""
 
 
 class LazyxformConfig(CompressedTensorsConfig):
@@ -92,11 +95,21 @@ class LazyxformConfig(CompressedTensorsConfig):
         return super().get_quant_method(layer, prefix)
 
     def _experts_method(self, layer: FusedMoE, prefix: str) -> QuantizeMethodBase | None:
-        input_scaled = any(n.startswith(prefix + ".") for n in self.runtime_pre_quant_scale)
+        scaled = [n for n in self.runtime_pre_quant_scale if n.startswith(prefix + ".")]
+        if any(n.endswith(".down_proj") for n in scaled):
+            # SGLang's expert weight mapping has no parameter for it and would skip it silently.
+            raise self._refusal(prefix, "experts whose down_proj keeps a pre_quant_scale (its input lives inside the fused-MoE kernel)")
+        input_scaled = bool(scaled)  # the experts' gate/up
         if not is_cpu():
-            if input_scaled:  # experts lazyxform did not stream dense (one scale per layer, or a format it cannot dequantize)
-                raise self._refusal(prefix, "experts with a pre_quant_scale lazyxform could not fold (SGLang's fused-MoE kernels take no per-expert input scale)")
-            return super().get_quant_method(layer, prefix)
+            method = super().get_quant_method(layer, prefix)
+            if not input_scaled:
+                return method
+            # Experts lazyxform did not stream dense: one scale per layer (or a format it cannot
+            # dequantize, whose differing scales stop loading in PreQuantScaleMoEScheme).
+            if not isinstance(method, CompressedTensorsFusedMoEMethod):
+                raise self._refusal(prefix, f"experts with a gate/up pre_quant_scale in {type(method).__name__}, which has no compressed-tensors scheme to scale their input")
+            layer.scheme = scale_experts_input(layer.scheme)
+            return method
         # SGLang's own choice (get_moe_scheme) asks for a GPU: the experts' scheme, read as it reads it.
         self._add_fused_moe_to_target_scheme_map()
         schemes = {proj: Scheme.of(self.get_scheme_dict(layer, f"{prefix}.0.{proj}")) for proj in ("gate_proj", "up_proj", "down_proj")}

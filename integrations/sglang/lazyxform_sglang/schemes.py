@@ -15,6 +15,13 @@ handling:
   method: each expert's gate/up and down as above (lazyxform.emulate.experts), every token through
   its routed experts; an expert's own gate/up pre_quant_scale, where lazyxform left one, multiplies
   that expert's tokens first.
+- `PreQuantScaleMoEScheme`, mixed into SGLang's own fused-MoE scheme on a GPU (scale_experts_input)
+  for routed experts that all keep one gate/up `pre_quant_scale` (ModelOpt's INT4 AWQ exports of
+  Qwen3-MoE average them per layer; lazyxform cannot fold it into the norm in front, which the router
+  also reads): it loads every expert's scale, requires them equal after loading, keeps one [hidden]
+  vector and multiplies the routed experts' input by it after routing, then SGLang's scheme runs
+  unchanged. SGLang's kernels take one input for every expert; experts whose scales differ reach it
+  only where lazyxform cannot stream them dense (config.experts_input_scale), and stop loading.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 
 import torch
 from sglang.srt.layers.moe import MoeRunnerConfig
-from sglang.srt.layers.moe.token_dispatcher import StandardCombineInput, StandardDispatchOutput
+from sglang.srt.layers.moe.token_dispatcher import CombineInput, StandardCombineInput, StandardDispatchOutput
 from sglang.srt.layers.parameter import (
     BasevLLMParameter,
     BlockQuantScaleParameter,
@@ -41,7 +48,7 @@ from sglang.srt.layers.quantization.compressed_tensors.schemes import (
     CompressedTensorsMoEScheme,
 )
 
-from lazyxform import InconsistentScalesError, MissingTensorError
+from lazyxform import InconsistentScalesError, MissingTensorError, UnsupportedAlgoError
 from lazyxform.emulate import (
     Scheme,
     decode_experts,
@@ -57,6 +64,10 @@ from lazyxform.emulate import (
 logger = logging.getLogger(__name__)
 
 PRE_QUANT_SCALE = "pre_quant_scale"
+
+
+class UnsupportedSglangSchemeError(UnsupportedAlgoError):
+    """SGLang has no kernel path for a layer's compressed-tensors scheme."""
 
 
 class PreQuantScaleScheme(CompressedTensorsLinearScheme):
@@ -196,10 +207,7 @@ class PortableMoEScheme(CompressedTensorsMoEScheme):
         announce("fused-MoE", self.scheme)
         register_experts(layer, self.scheme, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, weight_attrs)
         if self.input_scaled:
-            # NaN until loaded: an expert whose scale never arrives is caught after loading.
-            scale = torch.nn.Parameter(torch.full((num_experts, hidden_size), torch.nan, dtype=params_dtype), requires_grad=False)
-            scale.weight_loader = functools.partial(load_expert_pre_quant_scale, layer)
-            layer.register_parameter(EXPERTS_PRE_QUANT_SCALE, scale)
+            register_experts_pre_quant_scale(layer, num_experts, hidden_size, params_dtype)
 
     def create_moe_runner(self, layer: torch.nn.Module, moe_runner_config: MoeRunnerConfig) -> None:
         config = moe_runner_config
@@ -228,3 +236,61 @@ def load_expert_pre_quant_scale(
     local = layer._map_global_expert_id_to_local_expert_id(expert_id)
     if local != -1:  # -1: another rank's expert
         load_expert_input_scale(param.data, local, loaded, layer.layer_name, expert_id)
+
+
+def register_experts_pre_quant_scale(layer: torch.nn.Module, num_experts: int, hidden_size: int, params_dtype: torch.dtype) -> None:
+    """The experts' [experts, hidden] gate/up scales, filled per expert by SGLang's expert weight
+    mapping (experts.{e}.gate_proj / up_proj -> experts.w13_). NaN until loaded: an expert whose scale
+    never arrives is caught after loading."""
+    scale = torch.nn.Parameter(torch.full((num_experts, hidden_size), torch.nan, dtype=params_dtype), requires_grad=False)
+    scale.weight_loader = functools.partial(load_expert_pre_quant_scale, layer)
+    layer.register_parameter(EXPERTS_PRE_QUANT_SCALE, scale)
+
+
+def scale_experts_input(scheme: CompressedTensorsMoEScheme) -> CompressedTensorsMoEScheme:
+    """SGLang's fused-MoE `scheme`, made to apply its experts' one gate/up pre_quant_scale (see the
+    module docstring). A mixin, not a wrapper object: SGLang's expert weight loader dispatches on the
+    scheme's class name (FusedMoE._weight_loader_impl transposes the weights of
+    CompressedTensorsWNA16MoE, INT4 AWQ's scheme) and on isinstance, so the scheme keeps both."""
+    scheme.__class__ = _with_experts_pre_quant_scale(type(scheme))
+    return scheme
+
+
+@functools.cache
+def _with_experts_pre_quant_scale(cls: type) -> type:
+    return type(cls)(cls.__name__, (PreQuantScaleMoEScheme, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+# A CompressedTensorsMoEScheme itself, so that the combined class has the instance layout of the scheme.
+class PreQuantScaleMoEScheme(CompressedTensorsMoEScheme):
+    """Mixed in front of an SGLang fused-MoE scheme class by scale_experts_input; every method it does
+    not define is the scheme's own."""
+
+    def create_weights(self, layer: torch.nn.Module, *, num_experts: int, hidden_size: int, params_dtype: torch.dtype, **kwargs: Any) -> None:
+        super().create_weights(layer=layer, num_experts=num_experts, hidden_size=hidden_size, params_dtype=params_dtype, **kwargs)
+        register_experts_pre_quant_scale(layer, num_experts, hidden_size, params_dtype)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        scales = getattr(layer, EXPERTS_PRE_QUANT_SCALE).data
+        require_expert_input_scales(scales, layer.layer_name)
+        differ = [e for e in range(len(scales)) if not torch.equal(scales[e], scales[0])]
+        if differ:
+            raise UnsupportedSglangSchemeError(
+                f"{layer.layer_name}: the experts' gate/up pre_quant_scale differs between experts (local expert 0 vs "
+                f"{differ}); SGLang's {type(self).__name__} runs every expert on one input. lazyxform streams such "
+                "experts dense for SGLang on a GPU only where it can dequantize their format (INT4 AWQ); on a CPU "
+                "lazyxform's portable fused-MoE kernel computes them"
+            )
+        layer.experts_input_scale = scales[0].clone()
+        delattr(layer, EXPERTS_PRE_QUANT_SCALE)
+        super().process_weights_after_loading(layer)
+
+    def apply_weights(self, layer: torch.nn.Module, dispatch_output: StandardDispatchOutput) -> CombineInput:
+        if any(getattr(dispatch_output, f, None) is not None for f in ("hidden_states_scale", "hidden_states_pre_quant")):
+            raise UnsupportedSglangSchemeError(
+                f"{layer.layer_name}: SGLang quantized the experts' input before the experts ran, so lazyxform cannot "
+                "multiply it by the experts' gate/up pre_quant_scale"
+            )
+        # After routing: SGLang chose topk_output from the unscaled input, which the router reads.
+        scaled = dispatch_output.hidden_states * layer.experts_input_scale
+        return super().apply_weights(layer, dispatch_output._replace(hidden_states=scaled))
