@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The SGLang GPU run of issue 13 on the lent machine, once the kit is installed
 # (benchmarks/gpu_sglang/device-setup.sh; docs/sglang.md, "GPU"), from the repository root:
-#   [JOBS=4] [RUN_TIMEOUT_S=200] bash benchmarks/run_gpu_sglang.sh [FIXTURE ...]     # default: gpu_sglang.py's fixtures
+#   [FIXTURES_DIR=tests/fixtures/modelopt] [JOBS=4] [RUN_TIMEOUT_S=200] bash benchmarks/run_gpu_sglang.sh [FIXTURE ...]     # default: gpu_sglang.py's fixtures
 # Results: $OUT/sglang.tgz.part?? (split under the transfer's 16 MiB a file): cat them | tar xz.
 # BUDGET_S bounds the harness so that its results come back inside one device call.
 set -uo pipefail
@@ -11,7 +11,7 @@ mkdir -p "$res"
 { date -u; nvidia-smi; nproc; free -g; df -h /tmp; } >"$res/machine.txt" 2>&1
 only=()
 [ $# -gt 0 ] && only=(--only "$@")
-timeout "${BUDGET_S:-480}" python3 benchmarks/gpu_sglang.py serve --out "$res" --timeout "${RUN_TIMEOUT_S:-200}" --jobs "${JOBS:-1}" "${only[@]}" 2>&1 | tee "$res/harness.log"
+timeout "${BUDGET_S:-480}" python3 benchmarks/gpu_sglang.py serve --out "$res" --fixtures "${FIXTURES_DIR:-tests/fixtures/modelopt}" --timeout "${RUN_TIMEOUT_S:-200}" --jobs "${JOBS:-1}" "${only[@]}" 2>&1 | tee "$res/harness.log"
 echo "harness exited with $?"
 # Stopped by the budget before compare: compare what finished.
 [ -f "$res/table.md" ] || python3 benchmarks/gpu_sglang.py compare "$res" 2>&1 | tail -n 20
