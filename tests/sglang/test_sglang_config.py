@@ -39,7 +39,7 @@ from lazyxform_sglang import config as sglang_config
 from lazyxform_sglang.config import MARK
 from lazyxform_sglang.routing import native_algos
 from lazyxform_sglang.schemes import (
-    PerShardInputScaleScheme,
+    StaticInt8InputScheme,
     PortableMoEScheme,
     PortableScheme,
     PreQuantScaleMoEScheme,
@@ -216,7 +216,7 @@ def test_every_layer_gets_sglangs_gpu_scheme(name: str, sm: str, monkeypatch) ->
             assert isinstance(scheme, PreQuantScaleScheme), prefix
             scheme = scheme.inner
         if expected == "CompressedTensorsW8A8Int8":  # static input scales, one per fused member
-            assert isinstance(scheme, PerShardInputScaleScheme), prefix
+            assert isinstance(scheme, StaticInt8InputScheme), prefix
             scheme = scheme.inner
         assert type(scheme).__name__ == expected, prefix
 

@@ -6,7 +6,7 @@ into a QKVParallelLinear and a MergedColumnParallelLinear through their weight l
 Llama load_weights sends them (stacked_params_mapping, shard ids "q"/"k"/"v" and 0/1).
 
 SGLang 0.5.17 and 0.5.23 register the static input scale as one element, which the fused loaders index
-by member (IndexError on k / up); lazyxform's PerShardInputScaleScheme gives it one element per member.
+by member (IndexError on k / up); lazyxform's StaticInt8InputScheme gives it one element per member.
 Checked: loading succeeds, each element is its member's scale from the stream, and SGLang's own
 process_weights_after_loading (which runs on a CPU for a per-channel weight) leaves their max; the
 same with SGLang's bare scheme fails as on the H200. The fixture's members share one input scale
@@ -29,7 +29,7 @@ from sglang.srt.layers.quantization.compressed_tensors.schemes import Compressed
 import lazyxform
 from lazyxform_sglang import quant_config
 from lazyxform_sglang.config import MARK
-from lazyxform_sglang.schemes import PerShardInputScaleScheme
+from lazyxform_sglang.schemes import StaticInt8InputScheme
 
 pytestmark = pytest.mark.usefixtures("one_rank_group")
 
@@ -117,7 +117,7 @@ def test_fused_static_int8_input_scales_load_per_member(gpu_branch: None, distin
         tensors = stream(ckpt)
     load(layers, tensors)  # SGLang's bare scheme: IndexError (test_sglangs_bare_scheme_cannot_load_them)
     for fused, layer in layers.items():
-        assert isinstance(layer.scheme, PerShardInputScaleScheme), fused
+        assert isinstance(layer.scheme, StaticInt8InputScheme), fused
         assert type(layer.scheme.inner) is CompressedTensorsW8A8Int8, fused
         assert isinstance(layer.input_scale, PerTensorScaleParameter), fused
         # lazyxform's stream gives fused members one scale, their max (lazyxform.recipes.base.input_scale_rule).
@@ -132,7 +132,7 @@ def test_fused_static_int8_input_scales_load_per_member(gpu_branch: None, distin
 def test_sglangs_bare_scheme_cannot_load_them(gpu_branch: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The H200 failure, on SGLang 0.5.23: without the wrapper the second member's scale has no slot. Should
     an SGLang register one element per member itself, this fails and the wrapper has nothing left to do."""
-    monkeypatch.setattr(quant_config, "PerShardInputScaleScheme", lambda inner: inner)
+    monkeypatch.setattr(quant_config, "StaticInt8InputScheme", lambda inner: inner)
     layers = fused_layers()
     assert all(type(layer.scheme) is CompressedTensorsW8A8Int8 and layer.input_scale.numel() == 1 for layer in layers.values())
     with pytest.raises(IndexError, match="index 1 is out of bounds for dimension 0 with size 1"):
@@ -169,5 +169,68 @@ def test_enough_elements_are_left_as_registered() -> None:
             layer.register_parameter("input_scale", self.registered)
 
     inner, layer = Registers("channel", True, True), torch.nn.Module()
-    PerShardInputScaleScheme(inner).create_weights(layer, output_partition_sizes=[4, 2, 2])
+    StaticInt8InputScheme(inner).create_weights(layer, output_partition_sizes=[4, 2, 2])
     assert layer.input_scale is inner.registered
+
+
+def static_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's static INT8 input quantizer (tests/vllm/modelopt_reference.int8_round), as int8 steps."""
+    return (x.float() / scale.float()).round().clamp(-128, 127).to(torch.int8)
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["lazyxform's wrapper", "SGLang's bare scheme"])
+def test_the_input_is_quantized_with_the_static_scale(gpu_branch: None, monkeypatch: pytest.MonkeyPatch, wrapped: bool) -> None:
+    """SGLang's own apply_weights quantizes the input per token (per_token_quant_int8) and never reads the
+    loaded input_scale; the wrapper quantizes it with the static scale, clipping at the calibrated range as
+    ModelOpt does. sgl_kernel's int8 GEMM and SGLang's per-token quantizer (CUDA, Triton) are replaced by
+    their definitions, the GEMM recording its inputs; the bare scheme's run loads per member by hand (its
+    own loader cannot, test above)."""
+    import sgl_kernel
+    from sglang.srt.layers.quantization.compressed_tensors.schemes import compressed_tensors_w8a8_int8
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def int8_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias=None):
+        seen.update(a=a, scale_a=scale_a)
+        out = (a.float() * scale_a) @ (b.float() * scale_b.reshape(1, -1))
+        return (out if bias is None else out + bias).to(out_dtype)
+
+    def per_token_quant_int8(x):  # SGLang's Triton kernel (GPU), by its definition
+        scale = x.float().abs().amax(-1, keepdim=True) / 127
+        return (x.float() / scale).round().clamp(-128, 127).to(torch.int8), scale
+
+    monkeypatch.setattr(sgl_kernel, "int8_scaled_mm", int8_scaled_mm, raising=False)
+    monkeypatch.setattr(compressed_tensors_w8a8_int8, "int8_scaled_mm", int8_scaled_mm, raising=False)
+    monkeypatch.setattr(compressed_tensors_w8a8_int8, "per_token_quant_int8", per_token_quant_int8)
+    layer = fused_layers()["mlp.gate_up_proj"]
+    tensors = stream(checkpoint(distinct=False))
+    if wrapped:
+        load({"mlp.gate_up_proj": layer}, {n: t for n, t in tensors.items() if ".mlp." in n})
+    else:
+        layer.scheme = layer.scheme.inner
+        for i, member in enumerate(MEMBERS["mlp.gate_up_proj"]):
+            layer.weight.weight_loader(layer.weight, tensors[member_key("mlp.gate_up_proj", member, "weight")], i)
+            layer.weight_scale.weight_loader(layer.weight_scale, tensors[member_key("mlp.gate_up_proj", member, "weight_scale")], i)
+        layer.input_scale.data.copy_(tensors[member_key("mlp.gate_up_proj", "gate_proj", "input_scale")].reshape(1))
+    layer.quant_method.process_weights_after_loading(layer)
+    scale = layer.input_scale.data
+    torch.manual_seed(0)
+    x = torch.randn(5, layer.input_size, dtype=torch.bfloat16) * (64 * scale)
+    x[0, 0] = 300 * scale  # beyond the calibrated range: the static quantizer clips it to 127 steps
+    got = layer.quant_method.apply(layer, x)
+    want = static_int8(x, scale)
+    if wrapped:
+        assert torch.equal(seen["a"], want) and seen["a"][0, 0] == 127
+        assert torch.equal(seen["scale_a"], scale.float().expand(5, 1))
+        dense = (want.float() * scale.float()) @ (layer.weight.float() * layer.weight_scale.float().reshape(1, -1))
+        assert torch.equal(got, dense.to(torch.bfloat16))
+    else:  # per token: each row's own amax / 127, the static scale unread
+        assert not torch.equal(seen["a"], want)
+        assert torch.equal(seen["scale_a"].reshape(-1), x.float().abs().amax(-1) / 127)
+
+
+def test_an_asymmetric_input_is_refused_at_run_time(gpu_branch: None) -> None:
+    layer = fused_layers(input_symmetric=False)["mlp.gate_up_proj"]
+    layer.input_zero_point = torch.nn.Parameter(torch.zeros((), dtype=torch.int32), requires_grad=False)
+    with pytest.raises(NotImplementedError, match="asymmetric static INT8 input"):
+        layer.scheme.apply_weights(layer, torch.zeros(1, layer.input_size, dtype=torch.bfloat16))

@@ -29,7 +29,7 @@ from lazyxform.emulate import Scheme
 
 from .config import MARK, experts_input_scale
 from .schemes import (
-    PerShardInputScaleScheme,
+    StaticInt8InputScheme,
     PortableMoEScheme,
     PortableScheme,
     PreQuantScaleScheme,
@@ -144,7 +144,7 @@ class LazyxformConfig(CompressedTensorsConfig):
                 raise self._refusal(prefix, f"linear layers of {scheme} ({e})") from e
             inner = getattr(layer, "scheme", None)
             if isinstance(inner, CompressedTensorsW8A8Int8) and inner.is_static_input_scheme:
-                layer.scheme = PerShardInputScaleScheme(inner)  # its fused layers' static input scales
+                layer.scheme = StaticInt8InputScheme(inner)  # loads and applies its static input scale
         members = self._checkpoint_modules(prefix)
         scaled = [m for m in members if m in self.runtime_pre_quant_scale]
         if not scaled:

@@ -4,8 +4,10 @@ handling:
 
 - `PreQuantScaleScheme` wraps SGLang's scheme of a layer whose AWQ / SmoothQuant `pre_quant_scale`
   lazyxform could not fold (ck.plan.runtime_pre_quant_scale): y = (x * pre_quant_scale) @ W^T.
-- `PerShardInputScaleScheme` wraps SGLang's static W8A8 int8 scheme on a GPU so that a fused layer's
-  per-tensor input scale has one element per fused member, where SGLang's loaders put them.
+- `StaticInt8InputScheme` wraps SGLang's static W8A8 int8 scheme on a GPU: a fused layer's
+  per-tensor input scale gets one element per fused member, where SGLang's loaders put them, and
+  the input is quantized with that static scale, as ModelOpt's SmoothQuant does, where SGLang's
+  scheme quantizes it per token.
 - `PortableScheme` computes a compressed-tensors layer in PyTorch on a CPU, where SGLang has no
   compressed-tensors kernel (its scheme selection asks for a CUDA device capability): the
   compressed-tensors tensors as SGLang's parameter classes, decoded once to float32 after loading,
@@ -114,15 +116,21 @@ def load_pre_quant_scale(
 SHARD_INPUT_PARAMETERS = ("input_scale", "input_zero_point")
 
 
-class PerShardInputScaleScheme(CompressedTensorsLinearScheme):
-    """SGLang's CompressedTensorsW8A8Int8 with one static input scale (and zero point) element per fused
-    member. Its create_weights registers them as one-element PerTensorScaleParameters (read in SGLang
-    0.5.17 and 0.5.23), but SGLang's fused loaders (load_qkv_weight / load_merged_column_weight, and
-    the fused-in-checkpoint case) write each member's scale at the member's index: loading k, v or up
-    fails with IndexError. Its process_weights_after_loading already reduces several elements (the
-    max of the scales; asymmetric: the range over all members), as its W8A8 FP8 scheme registers its
-    input_scale (len(output_partition_sizes) elements). Acts only on a parameter with fewer elements
-    than the layer has members, so an SGLang that registers enough is left as it is."""
+class StaticInt8InputScheme(CompressedTensorsLinearScheme):
+    """SGLang's CompressedTensorsW8A8Int8 for a static per-tensor INT8 input (W8A8_SQ_PER_CHANNEL),
+    made to compute it. Two gaps of that scheme, read in SGLang 0.5.17 and 0.5.23:
+
+    - Loading: its create_weights registers the input scale (and zero point) as one-element
+      PerTensorScaleParameters, but SGLang's fused loaders (load_qkv_weight / load_merged_column_weight,
+      and the fused-in-checkpoint case) write each member's scale at the member's index: loading k, v
+      or up fails with IndexError. Here they get one element per member, only where SGLang registered
+      fewer; its process_weights_after_loading already reduces several (the max of the scales).
+    - Running: its apply_weights quantizes the input per token, dynamically (per_token_quant_int8),
+      and never reads the loaded input_scale: another function than the checkpoint's, whose input
+      quantizer is static per tensor and clips at the calibrated range (on the H200, 2.8x the
+      reference's noise for int8_sq, 4.7x for gemma3_int8_sq; 0.95x against a per-token reference).
+      Here the input is quantized with the static scale (round half to even, [-128, 127], ModelOpt's
+      and lazyxform.emulate's rule) and SGLang's own int8 GEMM runs with that scale for every token."""
 
     def __init__(self, inner: CompressedTensorsLinearScheme) -> None:
         self.inner = inner
@@ -140,7 +148,18 @@ class PerShardInputScaleScheme(CompressedTensorsLinearScheme):
         self.inner.process_weights_after_loading(layer)
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.inner.apply_weights(layer, x, bias)
+        from sgl_kernel import int8_scaled_mm  # CUDA builds only; this scheme is handed out on a GPU
+
+        if getattr(layer, "input_zero_point", None) is not None:  # SGLang registers it for asymmetric inputs only
+            raise NotImplementedError(
+                f"{type(self).__name__}: an asymmetric static INT8 input (no ModelOpt export has one, and lazyxform writes none)"
+            )
+        rows = x.reshape(-1, x.shape[-1])
+        scale = layer.input_scale.float().reshape(1, 1)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # a zero scale (amax 0) quantizes to zeros
+        x_q = (rows.float() / safe).round().clamp(-128, 127).to(torch.int8)
+        out = int8_scaled_mm(x_q, layer.weight, scale.expand(len(rows), 1).contiguous(), layer.weight_scale, out_dtype=x.dtype, bias=bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 # SGLang's parameter class for each kind of tensor of lazyxform.emulate.layout: the classes its
