@@ -400,7 +400,7 @@ def error_line(log: str, timed_out: bool) -> str:
 
 
 def short_kernels(kernels: dict[str, list[str]]) -> str:
-    """One cell: each layer kind's distinct choices, without the class names of layers vLLM leaves unquantized."""
+    """One cell: each layer kind's distinct choices, without the class names of layers the engine leaves unquantized."""
     kinds: dict[str, set[str]] = {}
     for layer, descriptions in kernels.items():
         kind = layer.rsplit(".", 1)[-1]

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gpu_fixtures  # benchmarks/, beside this script: what the vLLM harness shares with this one
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "modelopt"
 TESTS = [ROOT / "tests" / "sglang", ROOT / "tests" / "vllm", ROOT / "tests"]
@@ -52,20 +54,17 @@ NVFP4_ALGOS = {"NVFP4", "NVFP4_AWQ", "W4A16_NVFP4", "W4A8_NVFP4_FP8"}
 
 def probe_kernels(path: Path) -> None:
     """After SGLang's ModelRunner loads its model (scheduler process), write each layer type's
-    method / scheme / kernel description (benchmarks/gpu_fixtures.layer_kernels) to path."""
+    method / scheme / kernel description (gpu_fixtures.layer_kernels) to path."""
     import functools
 
     from sglang.srt.model_executor.model_runner import ModelRunner
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_fixtures import layer_kernels
 
     load = ModelRunner.load_model
 
     @functools.wraps(load)
     def load_and_describe(self, *args, **kwargs):
         out = load(self, *args, **kwargs)
-        (path.parent / f"{path.name}.gpu{self.gpu_id}.json").write_text(json.dumps(layer_kernels(self.model), indent=1))
+        (path.parent / f"{path.name}.gpu{self.gpu_id}.json").write_text(json.dumps(gpu_fixtures.layer_kernels(self.model), indent=1))
         return out
 
     ModelRunner.load_model = load_and_describe
@@ -180,9 +179,7 @@ def start(name: str, request: Path, out: Path) -> subprocess.Popen:
 def outcome(log: Path, rc: int) -> dict[str, Any]:
     if rc == 0:
         return {"rc": 0}
-    lines = log.read_text(errors="replace").splitlines()
-    errors = [line for line in lines if "Error" in line or "error" in line]
-    return {"rc": rc, "error": (errors[-1] if errors else lines[-1] if lines else "")[-600:]}
+    return {"rc": rc, "error": gpu_fixtures.error_line(log.read_text(errors="replace"), timed_out=False)}
 
 
 def run_worker(request: Path, result: Path) -> None:
@@ -230,14 +227,8 @@ def compare(out: Path, fixtures: Path) -> list[dict]:
 
 
 def short_kernels(kernels: dict[str, dict[str, list[str]]]) -> str:
-    """One cell: each quantized layer kind's distinct descriptions (rank 0)."""
-    first = next(iter(kernels.values()), {})
-    kinds: dict[str, set[str]] = {}
-    for layer, descriptions in first.items():
-        for d in descriptions:
-            if "Unquantized" not in d:
-                kinds.setdefault(layer.rsplit(".", 1)[-1], set()).add(d)
-    return "; ".join(f"{k}: {' / '.join(sorted(v))}" for k, v in sorted(kinds.items()))
+    """One cell: rank 0's layer kinds and their distinct descriptions (kernels: each rank's description file)."""
+    return gpu_fixtures.short_kernels(next(iter(kernels.values()), {}))
 
 
 def table(runs: list[dict]) -> str:

@@ -13,8 +13,10 @@ the few conventions used (`w13_`/`w2_` parameter names, a scale's kind in `quant
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
@@ -53,6 +55,18 @@ class Scheme:
         return f"{self.format}: W {describe_args(self.weights)}, A {acts}"
 
 
+# The (layer kind, scheme) pairs this process has logged: an engine builds a model's layers one by
+# one, and says once per kind and scheme that the portable kernel runs them.
+ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def announce_once(log: logging.Logger, kind: str, scheme: Scheme, message: str, *args: object) -> None:
+    """Log `message % args` for this process's first `kind` layer ("linear", "fused-MoE") of `scheme`."""
+    if (kind, str(scheme)) not in ANNOUNCED:
+        ANNOUNCED.add((kind, str(scheme)))
+        log.info(message, *args)
+
+
 # --- parameters: what a layer of the scheme holds, for the engine's parameter classes ----------------
 
 # How an engine loads a tensor: a [O, I] matrix ("matrix"; "packed" when packed along I), scales per
@@ -60,6 +74,24 @@ class Scheme:
 # ("tensor"), or a tensor loaded whole ("base").
 Kind = Literal["matrix", "packed", "channel", "group", "block", "tensor", "base"]
 Param = tuple[Kind, torch.Tensor, dict[str, Any]]
+# The class that loads each kind, by its name in vLLM's vllm.model_executor.parameter and in SGLang's
+# copy of that module, sglang.srt.layers.parameter (the classes their compressed-tensors schemes
+# declare, whose loaders shard fused and tensor-parallel layers).
+PARAMETER_CLASS_NAME: dict[Kind, str] = {
+    "matrix": "ModelWeightParameter",
+    "packed": "PackedvLLMParameter",
+    "channel": "ChannelQuantScaleParameter",
+    "group": "GroupQuantScaleParameter",
+    "block": "BlockQuantScaleParameter",
+    "tensor": "PerTensorScaleParameter",
+    "base": "BasevLLMParameter",
+}
+ParameterClass = Callable[..., torch.nn.Parameter]
+
+
+def parameter_classes(module: ModuleType) -> dict[Kind, ParameterClass]:
+    """The engine's class for each kind, from its parameter module (vLLM's or SGLang's)."""
+    return {kind: getattr(module, name) for kind, name in PARAMETER_CLASS_NAME.items()}
 
 
 def layout(scheme: Scheme, out_sizes: list[int], in_size: int, params_dtype: torch.dtype) -> dict[str, Param]:
@@ -177,14 +209,15 @@ def register_layout(
     out_sizes: list[int],
     in_size: int,
     params_dtype: torch.dtype,
-    parameter: Callable[[str, torch.Tensor, dict[str, Any]], torch.nn.Parameter],
+    parameter_class: dict[Kind, ParameterClass],
+    weight_loader: Callable[..., None],
 ) -> None:
-    """Register a (possibly fused) layer's compressed-tensors tensors (`layout`), each made by the
-    engine's `parameter(kind, data, args)` so that its loaders fill them, and note what
-    `decode_layer` reads after loading."""
+    """Register a (possibly fused) layer's compressed-tensors tensors (`layout`), each as the engine's
+    `parameter_class` of its kind (`parameter_classes`) with the layer's `weight_loader`, so that the
+    engine's loaders fill them, and note what `decode_layer` reads after loading."""
     params = layout(scheme, out_sizes, in_size, params_dtype)
     for name, (kind, data, args) in params.items():
-        layer.register_parameter(name, parameter(kind, data, args))
+        layer.register_parameter(name, parameter_class[kind](data=data, weight_loader=weight_loader, **args))
     layer.portable_parameters = list(params)
     layer.portable_out_sizes = list(out_sizes)
 

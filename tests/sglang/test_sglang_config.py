@@ -39,11 +39,11 @@ from lazyxform_sglang import config as sglang_config
 from lazyxform_sglang.config import MARK
 from lazyxform_sglang.routing import native_algos
 from lazyxform_sglang.schemes import (
-    StaticInt8InputScheme,
     PortableMoEScheme,
     PortableScheme,
     PreQuantScaleMoEScheme,
     PreQuantScaleScheme,
+    StaticInt8InputScheme,
 )
 
 FIXTURE_NAMES = SERVED

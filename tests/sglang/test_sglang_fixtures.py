@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 from algos import FIXTURE_TABLE
-from modelopt_reference import Reference, within
+from modelopt_reference import BoundCase, Reference, within
 from reference import ct_decompress, load_tensors
 from sglang_support import describe, prompt_ids, run_engine
 
@@ -37,14 +37,7 @@ import lazyxform
 
 
 @dataclass(frozen=True)
-class Case:
-    bound: float = 2.0
-    wrong_scale: float = 1.25  # one module's weight times this must fall outside the bound
-    # That module: layer 0's down_proj or o_proj, which feed the residual stream directly, unless named.
-    wrong_module: str | None = None
-    reference: dict = field(default_factory=dict)  # Reference options: the target's documented function
-    # Whether losing the run-time pre_quant_scales (tests/algos.py, runtime_pqs) moves logprobs past the bound.
-    lost_pre_quant_scale_seen: bool = True
+class Case(BoundCase):
     engine: dict = field(default_factory=dict)  # sglang.Engine arguments
 
 

@@ -20,6 +20,7 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -430,6 +431,21 @@ class Experts(nn.Module):
             y = self._input(self.act_fn(gate) * up, e, "down_proj") @ w["down_proj"].T
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
+
+
+@dataclass(frozen=True)
+class BoundCase:
+    """An engine test's fixture: the reference its logprobs are compared with, the bound they must stay
+    `within`, and the errors that bound must be shown to catch. Each engine's Case adds its options."""
+
+    bound: float = 2.0
+    wrong_scale: float = 1.25  # one module's weight times this must fall outside the bound
+    # That module: layer 0's down_proj or o_proj, which feed the residual stream directly, unless named.
+    wrong_module: str | None = None
+    reference: dict = field(default_factory=dict)  # Reference options: the target's documented function
+    # Whether losing the pre_quant_scales the engine applies at run time moves logprobs past the bound
+    # (it does except where noted).
+    lost_pre_quant_scale_seen: bool = True
 
 
 def within(err: torch.Tensor, noise: torch.Tensor, factor: float) -> bool:

@@ -29,12 +29,12 @@ are then streamed dense (lazyxform/fallback.py) and run by vLLM's unquantized fu
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from modelopt_reference import Reference, dense_twin, within
+from modelopt_reference import BoundCase, Reference, dense_twin, within
 from reference import load_tensors
 from vllm_support import describe, run_engine
 
@@ -42,15 +42,8 @@ KV_FP8 = ("fp8_kv_fp8", "nvfp4_kv_fp8", "qwen3moe_fp8")
 
 
 @dataclass(frozen=True)
-class Case:
-    bound: float = 2.0
-    wrong_scale: float = 1.25  # one module's weight times this must fall outside the bound
-    # That module: layer 0's down_proj or o_proj, which feed the residual stream directly, unless named.
-    wrong_module: str | None = None
-    reference: dict = field(default_factory=dict)  # Reference options: the target's documented function
+class Case(BoundCase):
     runtime_pre_quant_scale: int = 0  # modules whose pre_quant_scale vLLM applies at run time
-    # Whether losing that scale moves logprobs past the bound (it does except where noted).
-    lost_pre_quant_scale_seen: bool = True
     log_says: str | None = None  # a limit the plugin must name in the log
     # MoE layers whose experts' gate/up pre_quant_scale vLLM applies (lazyxform_vllm/experts.py), and
     # how: "one scale" (every expert's the same) or "per expert" (the portable kernel).

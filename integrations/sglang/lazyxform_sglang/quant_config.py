@@ -29,10 +29,10 @@ from lazyxform.emulate import Scheme
 
 from .config import MARK, experts_input_scale
 from .schemes import (
-    StaticInt8InputScheme,
     PortableMoEScheme,
     PortableScheme,
     PreQuantScaleScheme,
+    StaticInt8InputScheme,
     UnsupportedSglangSchemeError,
     scale_experts_input,
 )

@@ -33,18 +33,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import sglang.srt.layers.parameter
 import torch
 from sglang.srt.layers.moe import MoeRunnerConfig
 from sglang.srt.layers.moe.token_dispatcher import CombineInput, StandardCombineInput, StandardDispatchOutput
-from sglang.srt.layers.parameter import (
-    BasevLLMParameter,
-    BlockQuantScaleParameter,
-    ChannelQuantScaleParameter,
-    GroupQuantScaleParameter,
-    ModelWeightParameter,
-    PackedvLLMParameter,
-    PerTensorScaleParameter,
-)
+from sglang.srt.layers.parameter import PerTensorScaleParameter
 from sglang.srt.layers.quantization.compressed_tensors.schemes import (
     CompressedTensorsLinearScheme,
     CompressedTensorsMoEScheme,
@@ -53,11 +46,13 @@ from sglang.srt.layers.quantization.compressed_tensors.schemes import (
 from lazyxform import InconsistentScalesError, MissingTensorError, UnsupportedAlgoError
 from lazyxform.emulate import (
     Scheme,
+    announce_once,
     decode_experts,
     decode_layer,
     experts,
     linear,
     load_expert_input_scale,
+    parameter_classes,
     register_experts,
     register_layout,
     require_expert_input_scales,
@@ -162,26 +157,13 @@ class StaticInt8InputScheme(CompressedTensorsLinearScheme):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-# SGLang's parameter class for each kind of tensor of lazyxform.emulate.layout: the classes its
-# compressed-tensors schemes declare, whose loaders shard fused and tensor-parallel layers.
-PARAMETER_CLASS: dict[str, type[BasevLLMParameter]] = {
-    "matrix": ModelWeightParameter,
-    "packed": PackedvLLMParameter,
-    "channel": ChannelQuantScaleParameter,
-    "group": GroupQuantScaleParameter,
-    "block": BlockQuantScaleParameter,
-    "tensor": PerTensorScaleParameter,
-    "base": BasevLLMParameter,
-}
-
-ANNOUNCED: set[tuple[str, str]] = set()
+# SGLang's parameter class for each kind of tensor of lazyxform.emulate.layout.
+PARAMETER_CLASS = parameter_classes(sglang.srt.layers.parameter)
 
 
 def announce(kind: str, scheme: Scheme) -> None:
     """One log line per layer kind and scheme, in each process."""
-    if (kind, str(scheme)) not in ANNOUNCED:
-        ANNOUNCED.add((kind, str(scheme)))
-        logger.info("lazyxform: SGLang has no CPU kernel for %s %s layers; lazyxform's portable PyTorch kernel runs them", scheme, kind)
+    announce_once(logger, kind, scheme, "lazyxform: SGLang has no CPU kernel for %s %s layers; lazyxform's portable PyTorch kernel runs them", scheme, kind)
 
 
 class PortableScheme(CompressedTensorsLinearScheme):
@@ -199,8 +181,7 @@ class PortableScheme(CompressedTensorsLinearScheme):
     ) -> None:
         announce("linear", self.scheme)
         register_layout(
-            layer, self.scheme, output_partition_sizes, input_size_per_partition, params_dtype,
-            lambda kind, data, args: PARAMETER_CLASS[kind](data=data, weight_loader=weight_loader, **args),
+            layer, self.scheme, output_partition_sizes, input_size_per_partition, params_dtype, PARAMETER_CLASS, weight_loader
         )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

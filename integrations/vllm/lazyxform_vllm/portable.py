@@ -29,23 +29,25 @@ import os
 from typing import Any, Literal, get_args
 
 import torch
+import vllm.model_executor.parameter
 from compressed_tensors.quantization import QuantizationStrategy
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
-from vllm.model_executor.parameter import (
-    BasevLLMParameter,
-    BlockQuantScaleParameter,
-    ChannelQuantScaleParameter,
-    GroupQuantScaleParameter,
-    ModelWeightParameter,
-    PackedvLLMParameter,
-    PerTensorScaleParameter,
-)
 from vllm.platforms import current_platform
 
-from lazyxform.emulate import Scheme, decode_experts, decode_layer, experts, linear, register_experts, register_layout
+from lazyxform.emulate import (
+    Scheme,
+    announce_once,
+    decode_experts,
+    decode_layer,
+    experts,
+    linear,
+    parameter_classes,
+    register_experts,
+    register_layout,
+)
 
 logger: logging.Logger = init_logger(f"vllm.{__name__}")
 
@@ -96,39 +98,21 @@ def experts_run_portable() -> bool:
     return mode() != "off"
 
 
-ANNOUNCED: set[tuple[str, str]] = set()
-
-
 def announce(kind: str, scheme: Scheme) -> None:
-    """One log line per layer kind and scheme, in each process."""
-    if (kind, str(scheme)) in ANNOUNCED:
-        return
-    ANNOUNCED.add((kind, str(scheme)))
+    """One log line per layer kind and scheme, in each process: why the portable kernel runs them."""
     if mode() == "portable":
-        logger.info("lazyxform: %s=portable: lazyxform's portable PyTorch kernel runs %s %s layers", MODE_ENV, scheme, kind)
-        return
-    logger.info(
-        "lazyxform: vLLM has no kernel on this CPU computing %s %s layers exactly; lazyxform's portable PyTorch "
-        "kernel runs them (%s=auto)",
-        scheme,
-        kind,
-        MODE_ENV,
-    )
-
-
-# --- parameters: the compressed-tensors tensors, as vLLM's parameter classes ----------------------
+        announce_once(logger, kind, scheme, "lazyxform: %s=portable: lazyxform's portable PyTorch kernel runs %s %s layers", MODE_ENV, scheme, kind)
+    else:
+        announce_once(
+            logger, kind, scheme,
+            "lazyxform: vLLM has no kernel on this CPU computing %s %s layers exactly; lazyxform's portable PyTorch "
+            "kernel runs them (%s=auto)",
+            scheme, kind, MODE_ENV,
+        )
 
 
 # vLLM's parameter class for each kind of tensor of lazyxform.emulate.layout.
-PARAMETER_CLASS: dict[str, type] = {
-    "matrix": ModelWeightParameter,
-    "packed": PackedvLLMParameter,
-    "channel": ChannelQuantScaleParameter,
-    "group": GroupQuantScaleParameter,
-    "block": BlockQuantScaleParameter,
-    "tensor": PerTensorScaleParameter,
-    "base": BasevLLMParameter,
-}
+PARAMETER_CLASS = parameter_classes(vllm.model_executor.parameter)
 
 
 # --- the methods vLLM calls ------------------------------------------------------------------------
@@ -156,10 +140,9 @@ class PortableLinearMethod(LinearMethodBase):
         announce("linear", self.scheme)
         if self.scheme.weights.strategy == QuantizationStrategy.BLOCK:
             layer.weight_block_size = self.scheme.weights.block_structure  # read by vLLM's fused-shard loaders
-        loader = extra_weight_attrs["weight_loader"]
         register_layout(
             layer, self.scheme, output_partition_sizes, input_size_per_partition, params_dtype,
-            lambda kind, data, args: PARAMETER_CLASS[kind](data=data, weight_loader=loader, **args),
+            PARAMETER_CLASS, extra_weight_attrs["weight_loader"],
         )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
