@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import os
 import signal
@@ -38,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "modelopt"
 TESTS = [ROOT / "tests" / "sglang", ROOT / "tests" / "vllm", ROOT / "tests"]
 KERNELS_ENV = "LAZYXFORM_BENCH_KERNELS"  # where the scheduler writes its layers' description
+# Sent to a timed-out run's processes before they are killed: each writes its threads' stacks to the log.
+STACKS_SIGNAL = signal.SIGUSR1
 GPU_ENGINE = {
     "attention_backend": "triton",
     "sampling_backend": "pytorch",
@@ -70,8 +73,9 @@ def probe_kernels(path: Path) -> None:
     ModelRunner.load_model = load_and_describe
 
 
-if os.environ.get(KERNELS_ENV):  # this file re-imported as __mp_main__ in SGLang's spawned scheduler
+if os.environ.get(KERNELS_ENV):  # this file re-imported as __mp_main__ in SGLang's spawned processes
     probe_kernels(Path(os.environ[KERNELS_ENV]))
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)  # a run that times out shows where it waits
 
 
 def unsupported_on_this_gpu(algos: set[str]) -> str:
@@ -151,9 +155,11 @@ def serve(out: Path, fixtures: Path, names: list[str], device: str, tp_size: int
                 if proc.poll() is None and wall <= timeout_s:
                     continue
                 if proc.poll() is None:
+                    os.killpg(proc.pid, STACKS_SIGNAL)
+                    time.sleep(3)
                     os.killpg(proc.pid, signal.SIGKILL)  # SGLang's scheduler leaves the GPU with it
                     proc.wait()
-                    run.update(rc=None, error=f"timed out after {timeout_s} s")
+                    run.update(rc=None, error=f"timed out after {timeout_s} s (every process's thread stacks end its log)")
                 else:
                     run.update(outcome(out / f"{run['name']}.log", proc.returncode))
                 running.remove(item)
