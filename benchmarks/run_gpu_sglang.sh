@@ -2,7 +2,8 @@
 # The SGLang GPU run of issue 13 on the lent machine, once the kit is installed
 # (benchmarks/gpu_sglang/device-setup.sh; docs/sglang.md, "GPU"), from the repository root:
 #   [FIXTURES_DIR=tests/fixtures/modelopt] [JOBS=4] [RUN_TIMEOUT_S=200] bash benchmarks/run_gpu_sglang.sh [FIXTURE ...]     # default: gpu_sglang.py's fixtures
-# Results: $OUT/sglang.tgz.part?? (split under the transfer's 16 MiB a file): cat them | tar xz.
+# Results: $OUT/sglang.tgz.part?? (split under the transfer's 16 MiB a file): cat them | tar xz; and
+# $OUT/sglang-jit.tgz.part??, SGLang's JIT-built kernels (below).
 # BUDGET_S bounds the harness so that its results come back inside one device call.
 set -uo pipefail
 export PYTHONPATH=$PWD:$PWD/integrations/sglang:/tmp/site PYTHONUNBUFFERED=1  # this tree before the kit's copy
@@ -16,3 +17,9 @@ echo "harness exited with $?"
 # Stopped by the budget before compare: compare what finished.
 [ -f "$res/table.md" ] || python3 benchmarks/gpu_sglang.py compare "$res" 2>&1 | tail -n 20
 tar czf - -C /tmp --exclude=res-sglang/fixtures res-sglang | split -b 15M - "$OUT/sglang.tgz.part"
+# The kernels SGLang built with nvcc at first use (tvm-ffi's content-addressed cache, .so files): save
+# $OUT/sglang-jit.tgz.part* as .kit-sglang-jit/ here, and the next kit skips those builds (docs/sglang.md).
+jit=${TVM_FFI_CACHE_DIR:-$HOME/.cache/tvm-ffi}
+if [ -d "$jit" ] && [ -n "$(find "$jit" -name '*.so' | head -n 1)" ]; then
+  (cd "$jit" && find . -name '*.so' | tar czf - -T -) | split -b 15M - "$OUT/sglang-jit.tgz.part"
+fi

@@ -6,7 +6,8 @@
 # FlashAttention 3 (flash_ops, 326 MiB: the harness runs the triton attention backend), the SM100
 # common_ops (an H200 loads sm90/), InfLLM-V2. Usage, from the repository root:
 #   bash benchmarks/gpu_sglang/make-kit.sh [.kit-sglang]
-# Writes .kit-sglang/p0 .. pN (each <= KIT_PART_MIB, default 50; the last also holds device-setup.sh)
+# Writes .kit-sglang/p0 .. pN (each <= KIT_PART_MIB, default 50; then any saved JIT kernels; the last
+# part also holds device-setup.sh)
 # and ignores the kit in .git/info/exclude. Downloads are cached in $KIT_CACHE. docs/sglang.md, "GPU".
 set -euo pipefail
 KIT=${1:-.kit-sglang}
@@ -31,8 +32,20 @@ for spec in "${specs[@]}"; do
   [ -n "$wheel" ] || { echo "no wheel downloaded for $spec" >&2; exit 1; }
   ln -f "$wheel" "$chosen/"
 done
-python3 "$here/pack_kit.py" "$chosen" "$KIT" --limit-mib "${KIT_PART_MIB:-50}" \
+KIT_PART_MIB_LIMIT=${KIT_PART_MIB:-50}
+python3 "$here/pack_kit.py" "$chosen" "$KIT" --limit-mib "$KIT_PART_MIB_LIMIT" \
   --trim "sglang_kernel=sgl_kernel/flash_ops.abi3.so,sgl_kernel/sm100/,sgl_kernel/infllm_ops"
 rm -r "$chosen"
+# SGLang's JIT-built kernels saved from an earlier machine (run_gpu_sglang.sh writes them to $OUT;
+# kept in $KIT_JIT, ignored by git): parts of their own, each file <= 15 MiB.
+jit_saved=${KIT_JIT:-.kit-sglang-jit}
+if ls "$jit_saved"/sglang-jit.tgz.part* >/dev/null 2>&1; then
+  n=$(ls -d "$KIT"/p* | wc -l) used=$((KIT_PART_MIB_LIMIT + 1))
+  for f in "$jit_saved"/sglang-jit.tgz.part*; do
+    size=$(( $(stat -c %s "$f") / 1048576 + 1 ))
+    if [ $((used + size)) -gt "$KIT_PART_MIB_LIMIT" ]; then mkdir -p "$KIT/p$n/jit"; part="$KIT/p$n"; n=$((n + 1)); used=0; fi
+    cp "$f" "$part/jit/"; used=$((used + size))
+  done
+fi
 last=$(ls -d "$KIT"/p* | sort -V | tail -n 1)
 cp "$here/device-setup.sh" "$last/"
