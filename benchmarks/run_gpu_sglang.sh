@@ -21,5 +21,11 @@ tar czf - -C /tmp --exclude=res-sglang/fixtures res-sglang | split -b 15M - "$OU
 # $OUT/sglang-jit.tgz.part* as .kit-sglang-jit/ here, and the next kit skips those builds (docs/sglang.md).
 jit=${TVM_FFI_CACHE_DIR:-$HOME/.cache/tvm-ffi}
 if [ -d "$jit" ] && [ -n "$(find "$jit" -name '*.so' | head -n 1)" ]; then
-  (cd "$jit" && find . -name '*.so' | tar czf - -T -) | split -b 15M - "$OUT/sglang-jit.tgz.part"
+  (cd "$jit" && find . -name '*.so' | tar czf /tmp/sglang-jit.tgz -T -)
+  # What comes back from a call is at most 64 MiB and 8 files: the results first.
+  if [ "$(stat -c %s /tmp/sglang-jit.tgz)" -le $((45 << 20)) ]; then
+    split -b 15M /tmp/sglang-jit.tgz "$OUT/sglang-jit.tgz.part"
+  else
+    echo "JIT kernels not returned: $(du -h /tmp/sglang-jit.tgz | cut -f1) compressed, over 45 MiB"
+  fi
 fi
