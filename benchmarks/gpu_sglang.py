@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import gpu_fixtures  # benchmarks/, beside this script: what the vLLM harness shares with this one
+from gpu_fixtures import is_moe
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "modelopt"
@@ -53,6 +54,9 @@ GPU_ENGINE = {
 WEIGHT_ONLY = {"quantize_activations": False}
 SM90_CASES: dict[str, tuple[dict[str, Any], float]] = {"nvfp4": (WEIGHT_ONLY, 2.0)}
 NVFP4_ALGOS = {"NVFP4", "NVFP4_AWQ", "W4A16_NVFP4", "W4A8_NVFP4_FP8"}
+# INT4 MoE on SGLang's Triton MoE runner (CompressedTensorsWNA16TritonMoE, Triton kernels), beside its
+# default on SM 9.0, Marlin MoE (built with nvcc at first use in 0.5.17).
+TRITON_MOE = {"moe_runner_backend": "triton"}
 
 
 def probe_kernels(path: Path) -> None:
@@ -94,7 +98,8 @@ def unsupported_on_this_gpu(algos: set[str]) -> str:
 
 
 def plan(fixtures: Path, names: list[str]) -> list[dict[str, Any]]:
-    """Runs: route `all` for each fixture, `off` where SGLang loads the checkpoint natively (GPU only)."""
+    """Runs: route `all` for each fixture, `off` where SGLang loads the checkpoint natively (GPU only),
+    and INT4 MoE fixtures once more on SGLang's Triton MoE runner (TRITON_MOE), GPU only."""
     import sglang
     import torch
 
@@ -108,8 +113,10 @@ def plan(fixtures: Path, names: list[str]) -> list[dict[str, Any]]:
         runs.append({"fixture": name, "route": "all", "skip": unsupported_on_this_gpu(algos)})
         if native:
             runs.append({"fixture": name, "route": "off", "skip": ""})
+        if torch.cuda.is_available() and algos == {"W4A16_AWQ"} and is_moe(fixtures / name):
+            runs.append({"fixture": name, "route": "all", "tag": "triton-moe", "engine": TRITON_MOE, "skip": ""})
     for run in runs:
-        run["name"] = f"{run['fixture']}-{run['route']}"
+        run["name"] = "-".join(p for p in (run["fixture"], run["route"], run.get("tag")) if p)
     return runs
 
 
@@ -145,9 +152,11 @@ def serve(out: Path, fixtures: Path, names: list[str], device: str, tp_size: int
                 model = copy(run["fixture"])
                 request = out / f"{run['name']}.request.json"
                 request.write_text(
-                    json.dumps({"model": str(model), "device": device, "ids": prompt_ids(model), "weights": [], "engine": engine})
+                    json.dumps(
+                        {"model": str(model), "device": device, "ids": prompt_ids(model), "weights": [], "engine": {**engine, **run.get("engine", {})}}
+                    )
                 )
-                running.append((run, start(run["name"], request, out), time.monotonic()))
+                running.append((run, start(run["name"], run["route"], request, out), time.monotonic()))
             time.sleep(0.5)
             for item in list(running):
                 run, proc, began = item
@@ -171,9 +180,9 @@ def serve(out: Path, fixtures: Path, names: list[str], device: str, tp_size: int
     return done
 
 
-def start(name: str, request: Path, out: Path) -> subprocess.Popen:
+def start(name: str, route: str, request: Path, out: Path) -> subprocess.Popen:
     """engine_worker.py in a session of its own (a kill takes SGLang's scheduler along)."""
-    env = {**os.environ, KERNELS_ENV: str(out / f"{name}.kernels"), "LAZYXFORM_SGLANG_ROUTE": name.rsplit("-", 1)[1]}
+    env = {**os.environ, KERNELS_ENV: str(out / f"{name}.kernels"), "LAZYXFORM_SGLANG_ROUTE": route}
     env["PYTHONPATH"] = os.pathsep.join([str(p) for p in TESTS] + [env.get("PYTHONPATH", "")])
     with open(out / f"{name}.log", "w") as log:
         return subprocess.Popen(
