@@ -36,10 +36,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "modelopt"
@@ -155,36 +156,62 @@ def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float
 def serve(out: Path, fixtures: Path, names: list[str], jobs: int, timeout_s: float, probe_s: float, tp2: list[str]) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "env.json").write_text(json.dumps(environment(), indent=2))
-    pending = plan_runs(fixtures, names, timeout_s, probe_s, tp2)
-    running: list[tuple[Run, subprocess.Popen, float]] = []
     done: list[dict] = []
-    # Workers run in sessions of their own (so that a kill takes their compilers too): stopped, this
-    # process takes them along instead of leaving them on the GPU.
+
+    def finished(run: Run, rc: int, wall: float, timed_out: bool) -> None:
+        done.append(record(run, rc, wall, timed_out, out))
+        print(f"{run.name}: rc {rc}{' (timed out)' if timed_out else ''} in {wall:.0f} s", flush=True)
+        (out / "runs.json").write_text(json.dumps(done, indent=2))
+
+    run_processes(
+        plan_runs(fixtures, names, timeout_s, probe_s, tp2), jobs, lambda run: start(run, fixtures / run.fixture, out), lambda run: run.timeout_s, finished
+    )
+    return done
+
+
+T = TypeVar("T")
+
+
+def run_processes(
+    pending: list[T],
+    jobs: int,
+    launch: Callable[[T], subprocess.Popen],
+    timeout_s: Callable[[T], float],
+    finished: Callable[[T, int, float, bool], None],
+    stacks_signal: signal.Signals | None = None,
+) -> None:
+    """Each item's process, `jobs` at once, launched in a session of its own (start_new_session), so
+    that a kill takes its compilers and engine processes too. One that outlives its timeout is sent
+    `stacks_signal` first, where given (processes that registered it with faulthandler write their
+    thread stacks), then killed. finished(item, return code, wall seconds, killed for its timeout) as
+    each ends. Stopped (SIGTERM, an error), this process takes those in flight along instead of
+    leaving them on the GPU."""
+    running: list[tuple[T, subprocess.Popen, float]] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"stopped with {len(running)} runs in flight"))
     try:
         while pending or running:
             while pending and len(running) < jobs:
-                run = pending.pop(0)
-                running.append((run, start(run, fixtures / run.fixture, out), time.monotonic()))
+                item = pending.pop(0)
+                running.append((item, launch(item), time.monotonic()))
             time.sleep(0.5)
-            for item in list(running):
-                run, proc, began = item
+            for entry in list(running):
+                item, proc, began = entry
                 wall = time.monotonic() - began
-                timed_out = wall > run.timeout_s
+                timed_out = proc.poll() is None and wall > timeout_s(item)
                 if proc.poll() is None and not timed_out:
                     continue
-                if proc.poll() is None:
+                if timed_out:
+                    if stacks_signal is not None:
+                        os.killpg(proc.pid, stacks_signal)
+                        time.sleep(3)
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-                running.remove(item)
-                done.append(record(run, proc.returncode, wall, timed_out, out))
-                print(f"{run.name}: rc {proc.returncode}{' (timed out)' if timed_out else ''} in {wall:.0f} s", flush=True)
-                (out / "runs.json").write_text(json.dumps(done, indent=2))
+                running.remove(entry)
+                finished(item, proc.returncode, wall, timed_out)
     finally:
         for _, proc, _ in running:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-    return done
 
 
 def record(run: Run, rc: int, wall: float, timed_out: bool, out: Path) -> dict:

@@ -22,19 +22,17 @@ there, and it has no W4A16 NVFP4 scheme) are reported as such instead of run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import faulthandler
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import gpu_fixtures  # benchmarks/, beside this script: what the vLLM harness shares with this one
-from gpu_fixtures import is_moe
+from gpu_fixtures import is_moe, run_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "modelopt"
@@ -130,8 +128,6 @@ def serve(out: Path, fixtures: Path, names: list[str], device: str, tp_size: int
     out.mkdir(parents=True, exist_ok=True)
     copy = servable_copies(out / "fixtures", fixtures)
     engine = {**(GPU_ENGINE if device == "cuda" else {}), "tp_size": tp_size}
-    pending = plan(fixtures, names)
-    running: list[tuple[dict[str, Any], subprocess.Popen, float]] = []
     done: list[dict[str, Any]] = []
 
     def finish(run: dict[str, Any], wall: float) -> None:
@@ -140,43 +136,27 @@ def serve(out: Path, fixtures: Path, names: list[str], device: str, tp_size: int
         print(f"{run['name']}: rc {run['rc']} in {run['wall_s']} s {run.get('error', '')[:200]}", flush=True)
         (out / "runs.json").write_text(json.dumps(done, indent=2))
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"stopped with {len(running)} runs in flight"))
-    try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                run = pending.pop(0)
-                if run["skip"]:
-                    run.update(rc=None, error=f"not run: {run['skip']}")
-                    finish(run, 0.0)
-                    continue
-                model = copy(run["fixture"])
-                request = out / f"{run['name']}.request.json"
-                request.write_text(
-                    json.dumps(
-                        {"model": str(model), "device": device, "ids": prompt_ids(model), "weights": [], "engine": {**engine, **run.get("engine", {})}}
-                    )
-                )
-                running.append((run, start(run["name"], run["route"], request, out), time.monotonic()))
-            time.sleep(0.5)
-            for item in list(running):
-                run, proc, began = item
-                wall = time.monotonic() - began
-                if proc.poll() is None and wall <= timeout_s:
-                    continue
-                if proc.poll() is None:
-                    os.killpg(proc.pid, STACKS_SIGNAL)
-                    time.sleep(3)
-                    os.killpg(proc.pid, signal.SIGKILL)  # SGLang's scheduler leaves the GPU with it
-                    proc.wait()
-                    run.update(rc=None, error=f"timed out after {timeout_s} s (every process's thread stacks end its log)")
-                else:
-                    run.update(outcome(out / f"{run['name']}.log", proc.returncode))
-                running.remove(item)
-                finish(run, wall)
-    finally:  # stopped (SIGTERM, an error): the engines in flight go too
-        for _, proc, _ in running:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+    def launch(run: dict[str, Any]) -> subprocess.Popen:
+        model = copy(run["fixture"])
+        request = out / f"{run['name']}.request.json"
+        request.write_text(
+            json.dumps({"model": str(model), "device": device, "ids": prompt_ids(model), "weights": [], "engine": {**engine, **run.get("engine", {})}})
+        )
+        return start(run["name"], run["route"], request, out)
+
+    def finished(run: dict[str, Any], rc: int, wall: float, timed_out: bool) -> None:
+        if timed_out:
+            run.update(rc=None, error=f"timed out after {timeout_s} s (every process's thread stacks end its log)")
+        else:
+            run.update(outcome(out / f"{run['name']}.log", rc))
+        finish(run, wall)
+
+    runs = plan(fixtures, names)
+    for run in runs:
+        if run["skip"]:
+            run.update(rc=None, error=f"not run: {run['skip']}")
+            finish(run, 0.0)
+    run_processes([r for r in runs if not r["skip"]], jobs, launch, lambda _: timeout_s, finished, STACKS_SIGNAL)
     return done
 
 
