@@ -334,6 +334,13 @@ def require_expert_input_scales(scales: torch.Tensor, layer_name: str) -> None:
         raise MissingTensorError(f"{layer_name}: no gate/up pre_quant_scale was loaded for local experts {missing}")
 
 
+def experts_unlike_the_first(scales: torch.Tensor) -> list[int]:
+    """The local experts whose gate/up pre_quant_scale differs from expert 0's: none where one scale
+    serves the whole layer (ModelOpt's resmoothed MoE exports), and the engine may then scale the
+    routed input once."""
+    return [e for e in range(len(scales)) if not torch.equal(scales[e], scales[0])]
+
+
 # --- activations: the scheme's input quantizer, fake-quantized in float32 ----------------------------
 
 
@@ -399,5 +406,10 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, a: QuantizationArgs, top
     """Symmetric FP8 (saturating) or integer (round half to even, [-top - 1, top]) steps of `scale`."""
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = x / safe
-    q = round_fp8(q) if a.type == "float" else q.round().clamp(-top - 1, top)
+    q = round_fp8(q) if a.type == "float" else round_int(q, top)
     return q * safe
+
+
+def round_int(q: torch.Tensor, top: float) -> torch.Tensor:
+    """Integer steps: round half to even, saturating to [-top - 1, top] (ModelOpt's integer quantizers)."""
+    return q.round().clamp(-top - 1, top)

@@ -50,12 +50,14 @@ from lazyxform.emulate import (
     decode_experts,
     decode_layer,
     experts,
+    experts_unlike_the_first,
     linear,
     load_expert_input_scale,
     parameter_classes,
     register_experts,
     register_layout,
     require_expert_input_scales,
+    round_int,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ def load_pre_quant_scale(
         )
 
 
+INT8_MAX = 127
 # The per-tensor input quantizer parameters of SGLang's CompressedTensorsW8A8Int8 (static inputs).
 SHARD_INPUT_PARAMETERS = ("input_scale", "input_zero_point")
 
@@ -124,8 +127,8 @@ class StaticInt8InputScheme(CompressedTensorsLinearScheme):
       and never reads the loaded input_scale: another function than the checkpoint's, whose input
       quantizer is static per tensor and clips at the calibrated range (on the H200, 2.8x the
       reference's noise for int8_sq, 4.7x for gemma3_int8_sq; 0.95x against a per-token reference).
-      Here the input is quantized with the static scale (round half to even, [-128, 127], ModelOpt's
-      and lazyxform.emulate's rule) and SGLang's own int8 GEMM runs with that scale for every token."""
+      Here the input is quantized with the static scale (lazyxform.emulate.round_int: round half to
+      even, [-128, 127], ModelOpt's rule) and SGLang's own int8 GEMM runs with that scale for every token."""
 
     def __init__(self, inner: CompressedTensorsLinearScheme) -> None:
         self.inner = inner
@@ -152,7 +155,7 @@ class StaticInt8InputScheme(CompressedTensorsLinearScheme):
         rows = x.reshape(-1, x.shape[-1])
         scale = layer.input_scale.float().reshape(1, 1)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # a zero scale (amax 0) quantizes to zeros
-        x_q = (rows.float() / safe).round().clamp(-128, 127).to(torch.int8)
+        x_q = round_int(rows.float() / safe, INT8_MAX).to(torch.int8)
         out = int8_scaled_mm(x_q, layer.weight, scale.expand(len(rows), 1).contiguous(), layer.weight_scale, out_dtype=x.dtype, bias=bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -273,7 +276,7 @@ class PreQuantScaleMoEScheme(CompressedTensorsMoEScheme):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         scales = getattr(layer, EXPERTS_PRE_QUANT_SCALE).data
         require_expert_input_scales(scales, layer.layer_name)
-        differ = [e for e in range(len(scales)) if not torch.equal(scales[e], scales[0])]
+        differ = experts_unlike_the_first(scales)
         if differ:
             raise UnsupportedSglangSchemeError(
                 f"{layer.layer_name}: the experts' gate/up pre_quant_scale differs between experts (local expert 0 vs "

@@ -33,7 +33,7 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 from vllm.model_executor.utils import set_weight_attrs
 
 from lazyxform import UnsupportedAlgoError
-from lazyxform.emulate import load_expert_input_scale, require_expert_input_scales
+from lazyxform.emulate import experts_unlike_the_first, load_expert_input_scale, require_expert_input_scales
 
 PARAM = "w13_pre_quant_scale"
 
@@ -83,12 +83,11 @@ class ExpertsInputScale(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer: Any) -> None:
         scales = layer.w13_pre_quant_scale.data
         require_expert_input_scales(scales, layer.layer_name)
-        uniform = bool((scales == scales[0]).all())
-        if uniform:
+        differ = experts_unlike_the_first(scales)
+        if not differ:
             layer.experts_input_scale = scales[0].clone()
             delattr(layer, PARAM)
         elif not getattr(self, "scales_each_experts_input", False):
-            differ = [e for e in range(len(scales)) if not torch.equal(scales[e], scales[0])]
             raise UnsupportedAlgoError(
                 f"{layer.layer_name}: the experts' gate/up pre_quant_scale differs between experts (0 vs {differ}); "
                 f"{type(self).__name__} runs every expert on one input and has no per-expert input scale. lazyxform's "
