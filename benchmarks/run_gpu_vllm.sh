@@ -5,6 +5,7 @@
 #   [LOAD_ARGS="--formats nvfp4 --repeats 2"] bash benchmarks/run_gpu_vllm.sh load   # 8B-shaped load times (gpu_load.py)
 #   bash benchmarks/run_gpu_vllm.sh ct-copy FIXTURES_DIR NAME   # vLLM alone on a compressed-tensors copy of a fixture (lazyxform's
 #       stream written once, gpu_load.write_compressed_tensors; run-time pre_quant_scale left out): does vLLM's own path load and run those weights?
+#   bash benchmarks/run_gpu_vllm.sh marlin-moe   # vLLM's Marlin WNA16 MoE against plain torch on random INT4 experts (gpu_marlin_moe.py; < 2 min)
 # Results: $OUT/<step>.tgz.part?? (split under the transfer's 16 MiB a file): cat them | tar xz.
 # BUDGET_S bounds the step so that its results come back inside one device call.
 set -uo pipefail
@@ -21,6 +22,7 @@ case $step in
 src, dst = Path('$2/$3'), Path('/tmp/ct-$3'); print('left out:', write_compressed_tensors(src, dst)); [shutil.copy(f, dst) for f in src.glob('tokenizer*')]" >"$res/write.log" 2>&1
     echo '{"model": "/tmp/ct-'"$3"'", "route": "off", "llm": {}, "env": {}, "traceback_s": '"$(( ${BUDGET_S:-300} - 20 ))"'}' >"$res/request.json"
     timeout "${BUDGET_S:-300}" python3 benchmarks/gpu_fixtures.py worker "$res/request.json" "$res/$3-ct.pt" >"$res/$3-ct.log" 2>&1 ;;
+  marlin-moe) timeout "${BUDGET_S:-150}" python3 benchmarks/gpu_marlin_moe.py --out "$res" 2>&1 | tee "$res/marlin_moe.txt" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
 echo "$step exited with $?"
