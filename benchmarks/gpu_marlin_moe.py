@@ -16,8 +16,9 @@ or channelwise from the scales' group count along K (hidden // group). Where int
 hidden (the fixture: 128, 128, 256), w13's scales reach a grouped kernel in the channelwise layout.
 down_proj (one group along K = intermediate) is permuted and read channelwise alike.
 
-Arms: `vllm` (vLLM's `_process_weights_marlin` itself) and `true-k` (the same calls, w13's scales
-permuted with size_k = hidden, as vllm-project/vllm#50196 proposes). Parts: the whole MoE
+Arms: `vllm` (vLLM's `_process_weights_marlin` itself), `lazyxform` (that, then the plugin's repair,
+lazyxform_vllm/marlin_moe.py) and `true-k` (the same calls, w13's scales permuted with size_k = hidden,
+as vllm-project/vllm#50196 proposes). Parts: the whole MoE
 (`fused_marlin_moe`), gate_up alone and down alone (`ops.moe_wna16_marlin_gemm`, the down GEMM fed the
 bf16 reference's activations, so that gate_up's error does not reach it). Each part's deviation from an
 exact reference (float64 from the INT4 codes and scales, no vLLM code), relative to the mean |reference|,
@@ -401,6 +402,12 @@ def probe_shape(shape: Shape, device: torch.device, tokens: tuple[int, ...] = TO
         except Exception:
             found.setdefault("errors", []).append(f"vllm arm, M={m}:\n{traceback.format_exc()}")
             print(found["errors"][-1], file=sys.stderr, flush=True)
+        if "vllm" in arms:  # vLLM's own processing, then lazyxform_vllm's repair of w13's scale order
+            from lazyxform_vllm.marlin_moe import reorder_gate_up_scales
+
+            repaired = {**arms["vllm"], "s13": arms["vllm"]["s13"].clone()}
+            found["lazyxform_reordered"] = reorder_gate_up_scales(repaired["s13"], inputs["s13"])
+            arms["lazyxform"] = repaired
         try:
             arms["true-k"] = marlin_repro(inputs, shape, shape.hidden)
         except Exception:

@@ -49,13 +49,15 @@ def scale_experts_input(method: FusedMoEMethodBase, layer: Any, scaled: list[str
             "the fused-MoE kernel; lazyxform folds it into the up projection's rows only where the format's "
             "weight scales are per row (INT4, INT8), and this checkpoint's are not"
         )
-    method.__class__ = _with_input_scale(type(method))
+    method.__class__ = mix_in(ExpertsInputScale, type(method))
     return method
 
 
 @functools.cache
-def _with_input_scale(cls: type) -> type:
-    return type(cls.__name__, (ExpertsInputScale, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+def mix_in(mixin: type, cls: type) -> type:
+    """`cls` with `mixin` in front, under cls's name (vLLM's expert weight loader dispatches on the
+    method's class name)."""
+    return type(cls.__name__, (mixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 # A FusedMoEMethodBase itself, so that the combined class has the instance layout of the method

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
@@ -18,11 +19,13 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.platforms import current_platform
 
 import lazyxform
+from lazyxform.emulate import Scheme
 from lazyxform.fallback import ExpertsInputScale
 
 from .config_parser import MARK
-from .experts import scale_experts_input
+from .experts import mix_in, scale_experts_input
 from .linear import PreQuantScaleLinearMethod
+from .marlin_moe import MarlinGateUpScaleOrder
 
 if TYPE_CHECKING:
     from vllm.model_executor.models.utils import WeightsMapper
@@ -118,10 +121,25 @@ class LazyxformConfig(CompressedTensorsConfig):
                 )
             return PreQuantScaleLinearMethod(method)
         if isinstance(layer, RoutedExperts):
-            method = self._cpu_portable_method(layer, prefix) or super().get_quant_method(layer, prefix)
+            method = self._cpu_portable_method(layer, prefix) or self._gpu_experts_method(layer, prefix)
             scaled = sorted(n for n in self.runtime_pre_quant_scale if n.startswith(prefix + "."))
             return scale_experts_input(method, layer, scaled) if scaled else method
         return super().get_quant_method(layer, prefix)
+
+    def _experts_scheme(self, layer: RoutedExperts, prefix: str) -> Scheme | None:
+        """The experts' config group: their first gate projection's, found as vLLM's compressed-tensors
+        MoE method finds it (CompressedTensorsMoEMethod.get_moe_method)."""
+        self._add_fused_moe_to_target_scheme_map()
+        return Scheme.of(self.get_scheme_dict(layer, f"{prefix}.0.{layer.ckpt_gate_proj_name}"))
+
+    def _gpu_experts_method(self, layer: RoutedExperts, prefix: str) -> QuantizeMethodBase | None:
+        """vLLM's own method for the experts; for integer weight-only experts with the Marlin gate/up
+        scale order repaired where vLLM gets it wrong (marlin_moe.py)."""
+        method = super().get_quant_method(layer, prefix)
+        scheme = self._experts_scheme(layer, prefix)
+        if isinstance(method, FusedMoEMethodBase) and scheme is not None and scheme.weights.type == "int" and scheme.activations is None:
+            method.__class__ = mix_in(MarlinGateUpScaleOrder, type(method))
+        return method
 
     def _cpu_portable_method(self, layer: LinearBase | ParallelLMHead | RoutedExperts, prefix: str) -> QuantizeMethodBase | None:
         """lazyxform's portable method for a quantized layer that vLLM cannot compute exactly on this
@@ -131,12 +149,9 @@ class LazyxformConfig(CompressedTensorsConfig):
         from . import portable
 
         if not isinstance(layer, RoutedExperts):
-            scheme = portable.Scheme.of(self.get_scheme_dict(layer, prefix))
+            scheme = Scheme.of(self.get_scheme_dict(layer, prefix))
             return portable.PortableLinearMethod(scheme) if portable.wants_portable(scheme) else None
-        # The experts' config group is their first gate projection's, found as vLLM's
-        # compressed-tensors MoE method finds it (CompressedTensorsMoEMethod.get_moe_method).
-        self._add_fused_moe_to_target_scheme_map()
-        scheme = portable.Scheme.of(self.get_scheme_dict(layer, f"{prefix}.0.{layer.ckpt_gate_proj_name}"))
+        scheme = self._experts_scheme(layer, prefix)
         return portable.PortableMoEMethod(scheme, layer.moe_config) if portable.wants_portable(scheme, experts=True) else None
 
     def _checkpoint_modules(self, prefix: str) -> list[str]:
