@@ -97,14 +97,21 @@ ALGOS: dict[str, Algo] = {
                            frozenset({"weight_packed", "weight_scale"}), "uint8", stored="codes", vllm_scheme="W4A8Mxfp4"),
 }  # fmt: skip
 
-# SGLang 0.5.23's compressed-tensors linear scheme for each algo's layers on (SM 9.0, SM 10.0)
-# (CompressedTensorsConfig._get_scheme_from_parts). SM 9.0 has no FP4 GEMM: SGLang serves NVFP4 W4A4
-# weight-only there (FP4 Marlin). None: SGLang has no such linear scheme (lazyxform refuses the
-# layer by name); "dense": no compressed-tensors equivalent, dequantized by lazyxform.
+# What each algo's linear layers run on an SM 9.0 and an SM 10.0 GPU with SGLang 0.5.23: the
+# compressed-tensors linear scheme SGLang picks (CompressedTensorsConfig._get_scheme_from_parts) inside
+# its CompressedTensorsLinearMethod. SM 9.0 has no FP4 GEMM: SGLang serves NVFP4 W4A4 weight-only
+# there (FP4 Marlin). None: SGLang has no such linear scheme (lazyxform refuses the layer by name);
+# "dense": no compressed-tensors equivalent, dequantized by lazyxform.
+# FP8 is a method, not a scheme: for ModelOpt's FP8 recipe (per-tensor weights, static per-tensor
+# input) SGLang picks CompressedTensorsW8A8Fp8, and lazyxform hands SGLang's native
+# ModelOptFp8LinearMethod instead, the same bits as SGLang's ModelOpt path, where the
+# compressed-tensors scheme runs another GEMM (LazyxformConfig.modelopt_fp8). The other FP8 recipes
+# keep SGLang's compressed-tensors scheme.
 _W8A8FP8 = ("CompressedTensorsW8A8Fp8",) * 2
 _W4A16FP4 = ("CompressedTensorsW4A16Fp4",) * 2
 SGLANG_SCHEME: dict[str, tuple[str | None, str | None]] = {
-    **dict.fromkeys(("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "FP8_PB_REAL"), _W8A8FP8),
+    "FP8": ("ModelOptFp8LinearMethod",) * 2,
+    **dict.fromkeys(("FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "FP8_PB_REAL"), _W8A8FP8),
     **dict.fromkeys(("W4A16_AWQ", "W8A16"), ("CompressedTensorsWNA16",) * 2),
     "W8A8_SQ_PER_CHANNEL": ("CompressedTensorsW8A8Int8",) * 2,
     **dict.fromkeys(("NVFP4", "NVFP4_AWQ"), ("CompressedTensorsW4A16Fp4", "CompressedTensorsW4A4Fp4")),
@@ -115,8 +122,10 @@ SGLANG_SCHEME: dict[str, tuple[str | None, str | None]] = {
 
 # SGLang 0.5.23's compressed-tensors fused-MoE scheme for each algo's experts on (SM 9.0, SM 10.0)
 # (CompressedTensorsConfig.get_moe_scheme), for the MoE fixtures' algos whose experts SGLang runs there.
+# FP8 experts (per tensor, static input), as FP8 linear layers above: SGLang picks
+# CompressedTensorsW8A8Fp8MoE, lazyxform hands SGLang's native ModelOptFp8MoEMethod instead.
 SGLANG_MOE_SCHEME: dict[str, tuple[str, str]] = {
-    "FP8": ("CompressedTensorsW8A8Fp8MoE",) * 2,
+    "FP8": ("ModelOptFp8MoEMethod",) * 2,
     "NVFP4": ("CompressedTensorsW4A16Nvfp4MoE", "CompressedTensorsW4A4Nvfp4MoE"),
     "W4A16_AWQ": ("CompressedTensorsWNA16MoE", "CompressedTensorsWNA16TritonMoE"),  # Marlin, Triton
 }

@@ -63,3 +63,15 @@ def one_rank_group() -> Iterator[None]:
     parallel_state.destroy_model_parallel()
     parallel_state.destroy_distributed_environment()
     reset_context()
+
+
+@pytest.fixture
+def gpu_branch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LazyxformConfig's GPU branch on this CPU: is_cpu() answered False and an SM 9.0 capability, as
+    test_sglang_config does, for layers built in the test process."""
+    import torch
+
+    from lazyxform_sglang import quant_config
+
+    monkeypatch.setattr(quant_config, "is_cpu", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))

@@ -2,8 +2,9 @@
 HookRegistry, presents every ModelOpt fixture (Llama, Qwen3-MoE, Phi-3, Gemma 3, DeepSeek-V3) to
 SGLang's own ModelConfig as compressed-tensors, routes as documented, and SGLang's compressed-tensors
 config accepts lazyxform's config and gives each layer the scheme its GPU path would run (scheme
-selection answered as on an SM 9.0 and an SM 10.0 GPU), a run-time pre_quant_scale where lazyxform
-left one, or a refusal naming the layer; on a CPU, lazyxform's portable linear and fused-MoE schemes."""
+selection answered as on an SM 9.0 and an SM 10.0 GPU; for ModelOpt's FP8 recipe, SGLang's own
+ModelOpt FP8 methods instead), a run-time pre_quant_scale where lazyxform left one, or a refusal
+naming the layer; on a CPU, lazyxform's portable linear and fused-MoE schemes."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ LAYERS = {
 }
 EXPERTS = {"qwen3_moe": "model.layers.0.mlp.experts", "deepseek_v3": "model.layers.1.mlp.experts"}
 SM = {"SM 9.0": (9, 0), "SM 10.0": (10, 0)}
+# What SGLANG_SCHEME and SGLANG_MOE_SCHEME name for ModelOpt's FP8 recipe: SGLang's own ModelOpt
+# methods, which lazyxform hands a GPU instead of the compressed-tensors FP8 schemes.
+MODELOPT_METHODS = ("ModelOptFp8LinearMethod", "ModelOptFp8MoEMethod")
 # The packed_modules_mapping SGLang's loader passes to the quantization config: the model class's
 # (llama.py declares none), DeepseekV2ForCausalLM's set in __init__ for a q_lora_rank model.
 PACKED_MODULES_MAPPING = {
@@ -210,6 +214,10 @@ def test_every_layer_gets_sglangs_gpu_scheme(name: str, sm: str, monkeypatch) ->
             with pytest.raises(quant_config.UnsupportedSglangSchemeError, match=rf"^{prefix}: SGLang 0\.5\.23 cannot run linear layers of "):
                 config.get_quant_method(layer, prefix)
             continue
+        if expected in MODELOPT_METHODS:  # SGLang's ModelOpt method, without the scheme SGLang's config set
+            assert type(config.get_quant_method(layer, prefix)).__name__ == expected, prefix
+            assert "scheme" not in vars(layer) and layer.scheme is None, prefix
+            continue
         assert type(config.get_quant_method(layer, prefix)).__name__ == "CompressedTensorsLinearMethod", prefix
         scheme = layer.scheme
         if set(members) <= runtime:
@@ -261,13 +269,8 @@ def test_input_quantizers_kept_on_a_cpu() -> None:
         assert (acts.type, acts.num_bits, acts.group_size, acts.dynamic) == ("float", bits, 32, True), name
 
 
-@pytest.mark.parametrize("sm", SM)
-@pytest.mark.parametrize("name", [n for n in FIXTURE_NAMES if FIXTURE_TABLE[n].moe])
-def test_moe_experts_on_a_gpu(name: str, sm: str, monkeypatch) -> None:
-    """Experts on a GPU: SGLang's own fused-MoE scheme. Experts whose gate/up pre_quant_scale differs
-    between experts are streamed dense (deepseek_v3_int4_awq: SGLang's unquantized fused MoE, no
-    scheme); experts that keep one scale per layer (qwen3moe_int4_awq) get SGLang's scheme with the
-    scale mixed in, still of its class and named as it (test_sglang_schemes.py runs that on a CPU)."""
+def on_a_gpu(monkeypatch: pytest.MonkeyPatch, sm: str) -> None:
+    """LazyxformConfig's and SGLang's scheme selection for experts answered as on the GPU `sm`."""
     monkeypatch.setattr(quant_config, "is_cpu", lambda: False)
     monkeypatch.setattr(sglang_config, "is_cpu", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: SM[sm])
@@ -275,6 +278,16 @@ def test_moe_experts_on_a_gpu(name: str, sm: str, monkeypatch) -> None:
     # the INT4 experts' choice whether it is an SM 10.0 (Triton there, Marlin elsewhere).
     monkeypatch.setattr(w4a4_nvfp4_moe, "get_platform", lambda: SimpleNamespace(is_blackwell=SM[sm] >= (10, 0)))
     monkeypatch.setattr(compressed_tensors, "get_platform", lambda: SimpleNamespace(is_sm100=SM[sm] == (10, 0)))
+
+
+@pytest.mark.parametrize("sm", SM)
+@pytest.mark.parametrize("name", [n for n in FIXTURE_NAMES if FIXTURE_TABLE[n].moe])
+def test_moe_experts_on_a_gpu(name: str, sm: str, monkeypatch) -> None:
+    """Experts on a GPU: SGLang's own fused-MoE scheme. Experts whose gate/up pre_quant_scale differs
+    between experts are streamed dense (deepseek_v3_int4_awq: SGLang's unquantized fused MoE, no
+    scheme); experts that keep one scale per layer (qwen3moe_int4_awq) get SGLang's scheme with the
+    scale mixed in, still of its class and named as it (test_sglang_schemes.py runs that on a CPU)."""
+    on_a_gpu(monkeypatch, sm)
     prefix = EXPERTS[FIXTURE_TABLE[name].model_type]
     config = lazyxform_config(FIXTURES / name)
     if any(m.startswith(f"{prefix}.") for m in config.runtime_pre_quant_scale):
@@ -288,7 +301,36 @@ def test_moe_experts_on_a_gpu(name: str, sm: str, monkeypatch) -> None:
         assert any(m.startswith(f"{prefix}.") for m in FIXTURE_TABLE[name].runtime_pqs)  # on a CPU
         assert config.get_moe_scheme(stand_in(FusedMoE), prefix) is None  # ignored: UnquantizedFusedMoEMethod
         return
-    assert type(config.get_moe_scheme(stand_in(FusedMoE), prefix)).__name__ == SGLANG_MOE_SCHEME[FIXTURE_TABLE[name].algo][list(SM).index(sm)]
+    expected = SGLANG_MOE_SCHEME[FIXTURE_TABLE[name].algo][list(SM).index(sm)]
+    layer = stand_in(FusedMoE)
+    method = config.get_quant_method(layer, prefix)
+    if expected in MODELOPT_METHODS:  # SGLang's ModelOpt method, without the scheme SGLang's config set
+        assert type(method).__name__ == expected
+        assert "scheme" not in vars(layer) and layer.scheme is None
+        assert type(config.get_moe_scheme(stand_in(FusedMoE), prefix)).__name__ == "CompressedTensorsW8A8Fp8MoE"  # what it replaces
+        return
+    assert type(method).__name__ == "CompressedTensorsFusedMoEMethod"
+    assert type(config.get_moe_scheme(stand_in(FusedMoE), prefix)).__name__ == expected
+
+
+@pytest.mark.parametrize("sm", SM)
+def test_fp8_with_a_runtime_pre_quant_scale_keeps_the_compressed_tensors_scheme(sm: str, monkeypatch) -> None:
+    """SGLang's ModelOpt FP8 methods have no place for a run-time pre_quant_scale: FP8 layers get them
+    on a GPU only where no member keeps one (no FP8 fixture does; added here). o_proj then keeps
+    SGLang's compressed-tensors scheme inside PreQuantScaleScheme, and experts whose gate/up keep one
+    get SGLang's compressed-tensors FP8 fused-MoE scheme with the scale mixed in; qkv_proj, whose
+    members keep none, still gets the ModelOpt method."""
+    on_a_gpu(monkeypatch, sm)
+    config = lazyxform_config(FIXTURES / "qwen3moe_fp8")
+    o_proj, experts = "model.layers.0.self_attn.o_proj", EXPERTS["qwen3_moe"]
+    config.runtime_pre_quant_scale |= {o_proj, *(f"{experts}.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj"))}
+    layer = stand_in(LinearBase)
+    assert type(config.get_quant_method(layer, o_proj)).__name__ == "CompressedTensorsLinearMethod"
+    assert isinstance(layer.scheme, PreQuantScaleScheme) and type(layer.scheme.inner).__name__ == "CompressedTensorsW8A8Fp8"
+    assert type(config.get_quant_method(stand_in(LinearBase), "model.layers.0.self_attn.qkv_proj")).__name__ == "ModelOptFp8LinearMethod"
+    layer = stand_in(FusedMoE)
+    assert type(config.get_quant_method(layer, experts)).__name__ == "CompressedTensorsFusedMoEMethod"
+    assert isinstance(layer.scheme, PreQuantScaleMoEScheme) and type(layer.scheme).__name__ == "CompressedTensorsW8A8Fp8MoE"
 
 
 @pytest.mark.parametrize("gpu", [False, True])

@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 import torch
 from reference import FIXTURES, load_tensors
-from sglang.srt.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
+from sglang.srt.layers.linear import LinearBase
 from sglang.srt.layers.parameter import PerTensorScaleParameter
 from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsW8A8Int8
+from sglang_support import MEMBERS, distinct_input_scales, fused_layers, fused_members, load, member_key
 
 import lazyxform
 from lazyxform_sglang import quant_config
@@ -35,73 +36,25 @@ pytestmark = pytest.mark.usefixtures("one_rank_group")
 
 NAME = "int8_sq"
 PATH = FIXTURES / NAME
-LAYER = "model.layers.0"
-# SGLang 0.5.23's LlamaForCausalLM._legacy_load_weights (its default loader; the v2 loader's
-# STANDARD_QKV_MAPPING and STANDARD_GATE_UP_MAPPING make the same calls).
-STACKED_PARAMS_MAPPING = [
-    (".qkv_proj", ".q_proj", "q"),
-    (".qkv_proj", ".k_proj", "k"),
-    (".qkv_proj", ".v_proj", "v"),
-    (".gate_up_proj", ".gate_proj", 0),
-    (".gate_up_proj", ".up_proj", 1),
-]
-MEMBERS = {"self_attn.qkv_proj": ["q_proj", "k_proj", "v_proj"], "mlp.gate_up_proj": ["gate_proj", "up_proj"]}
 
 
-@pytest.fixture
-def gpu_branch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(quant_config, "is_cpu", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-
-
-def fused_layers(input_symmetric: bool = True) -> dict[str, LinearBase]:
+def int8_layers(input_symmetric: bool = True) -> dict[str, LinearBase]:
     """Layer 0's qkv_proj and gate_up_proj, built by SGLang with lazyxform's config of the fixture."""
     ck = lazyxform.open(PATH, device="cpu")
     config = {**ck.quantization_config, MARK: {"checkpoint": str(PATH)}, "packed_modules_mapping": {}}
     config["config_groups"]["group_0"]["input_activations"]["symmetric"] = input_symmetric
-    quant = quant_config.LazyxformConfig.from_config(config)
-    hf = ck.hf_config
-    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
-    common: dict[str, Any] = dict(bias=False, params_dtype=torch.bfloat16, quant_config=quant)
-    return {
-        "self_attn.qkv_proj": QKVParallelLinear(
-            hf["hidden_size"], head_dim, hf["num_attention_heads"], hf["num_key_value_heads"], prefix=f"{LAYER}.self_attn.qkv_proj", **common
-        ),
-        "mlp.gate_up_proj": MergedColumnParallelLinear(
-            hf["hidden_size"], [hf["intermediate_size"]] * 2, prefix=f"{LAYER}.mlp.gate_up_proj", **common
-        ),
-    }
+    return fused_layers(ck.hf_config, quant_config.LazyxformConfig.from_config(config))
 
 
 def checkpoint(distinct: bool) -> dict[str, torch.Tensor]:
     """The fixture's tensors; `distinct`: each fused member's input scale multiplied by 1, 2, 3 in member order."""
     tensors = load_tensors(PATH)
-    if distinct:
-        for fused, members in MEMBERS.items():
-            for i, member in enumerate(members):
-                name = member_key(fused, member, "input_scale")
-                tensors[name] = tensors[name] * (i + 1)
-    return tensors
-
-
-def member_key(fused: str, member: str, tensor: str) -> str:
-    return f"{LAYER}.{fused.split('.')[0]}.{member}.{tensor}"
+    return distinct_input_scales(tensors) if distinct else tensors
 
 
 def stream(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Layer 0's q/k/v and gate/up tensors out of lazyxform's stream of `tensors`."""
-    ck = lazyxform.open(PATH, device="cpu")
-    members = {m for ms in MEMBERS.values() for m in ms}
-    return {n: t for n, t in ck.wrap(iter(tensors.items())) if n.startswith(f"{LAYER}.") and n.split(".")[-2] in members}
-
-
-def load(layers: dict[str, LinearBase], tensors: dict[str, torch.Tensor]) -> None:
-    """As SGLang's Llama loader: a member's tensor goes to the fused parameter with the member's shard id."""
-    params = {n: p for prefix, layer in layers.items() for n, p in layer.named_parameters(prefix=f"{LAYER}.{prefix}")}
-    for name, tensor in tensors.items():
-        param_name, weight_name, shard_id = next(m for m in STACKED_PARAMS_MAPPING if m[1] in name)
-        param = params[name.replace(weight_name, param_name)]
-        param.weight_loader(param, tensor, shard_id)
+    return fused_members(lazyxform.open(PATH, device="cpu").wrap(iter(tensors.items())))
 
 
 def member_input_scales(tensors: dict[str, torch.Tensor], fused: str) -> torch.Tensor:
@@ -110,7 +63,7 @@ def member_input_scales(tensors: dict[str, torch.Tensor], fused: str) -> torch.T
 
 @pytest.mark.parametrize("distinct", [False, True], ids=["as exported", "distinct per member"])
 def test_fused_static_int8_input_scales_load_per_member(gpu_branch: None, distinct: bool) -> None:
-    layers = fused_layers()
+    layers = int8_layers()
     ckpt = checkpoint(distinct)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lazyxform.LazyxformWarning)  # distinct: lazyxform says it merges them
@@ -133,7 +86,7 @@ def test_sglangs_bare_scheme_cannot_load_them(gpu_branch: None, monkeypatch: pyt
     """The H200 failure, on SGLang 0.5.23: without the wrapper the second member's scale has no slot. Should
     an SGLang register one element per member itself, this fails and the wrapper has nothing left to do."""
     monkeypatch.setattr(quant_config, "StaticInt8InputScheme", lambda inner: inner)
-    layers = fused_layers()
+    layers = int8_layers()
     assert all(type(layer.scheme) is CompressedTensorsW8A8Int8 and layer.input_scale.numel() == 1 for layer in layers.values())
     with pytest.raises(IndexError, match="index 1 is out of bounds for dimension 0 with size 1"):
         load(layers, stream(checkpoint(distinct=False)))
@@ -143,7 +96,7 @@ def test_asymmetric_input_zero_points_load_per_member(gpu_branch: None) -> None:
     """An asymmetric static input (not a ModelOpt export: the fixture's config with symmetric false) has an
     input_zero_point too; one element per member as well. The stream carries none: each member's is fed
     through the same loader. SGLang then folds the members' ranges into one scale and zero point."""
-    layers = fused_layers(input_symmetric=False)
+    layers = int8_layers(input_symmetric=False)
     tensors = stream(checkpoint(distinct=False))
     for fused in layers:
         for i, m in enumerate(MEMBERS[fused]):
@@ -202,7 +155,7 @@ def test_the_input_is_quantized_with_the_static_scale(gpu_branch: None, monkeypa
     monkeypatch.setattr(sgl_kernel, "int8_scaled_mm", int8_scaled_mm, raising=False)
     monkeypatch.setattr(compressed_tensors_w8a8_int8, "int8_scaled_mm", int8_scaled_mm, raising=False)
     monkeypatch.setattr(compressed_tensors_w8a8_int8, "per_token_quant_int8", per_token_quant_int8)
-    layer = fused_layers()["mlp.gate_up_proj"]
+    layer = int8_layers()["mlp.gate_up_proj"]
     tensors = stream(checkpoint(distinct=False))
     if wrapped:
         load({"mlp.gate_up_proj": layer}, {n: t for n, t in tensors.items() if ".mlp." in n})
@@ -230,7 +183,7 @@ def test_the_input_is_quantized_with_the_static_scale(gpu_branch: None, monkeypa
 
 
 def test_an_asymmetric_input_is_refused_at_run_time(gpu_branch: None) -> None:
-    layer = fused_layers(input_symmetric=False)["mlp.gate_up_proj"]
+    layer = int8_layers(input_symmetric=False)["mlp.gate_up_proj"]
     layer.input_zero_point = torch.nn.Parameter(torch.zeros((), dtype=torch.int32), requires_grad=False)
     with pytest.raises(NotImplementedError, match="asymmetric static INT8 input"):
         layer.scheme.apply_weights(layer, torch.zeros(1, layer.input_size, dtype=torch.bfloat16))

@@ -27,6 +27,7 @@ from algos import FIXTURE_TABLE
 from reference import FIXTURES, ct_decompress, load_tensors, modelopt_weight
 from sglang.srt.layers.moe.token_dispatcher import StandardDispatchOutput
 from sglang.srt.layers.moe.topk import StandardTopKOutput
+from sglang_support import fused_moe, load_experts
 
 import lazyxform
 from lazyxform_sglang import quant_config
@@ -62,35 +63,12 @@ def processed(layer: torch.nn.Module) -> torch.nn.Module:
 def experts_layer(name: str, prefix: str = LAYER) -> torch.nn.Module:
     """The fixture's FusedMoE `prefix`, its tensors from lazyxform's stream put in place by SGLang's
     expert weight loader (its expert_params_mapping names), not yet processed."""
-    from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
-
     path = FIXTURES / name
     ck = lazyxform.open(path, device="cpu")
     config = LazyxformConfig.from_config({**ck.quantization_config, MARK: {"checkpoint": str(path)}, "packed_modules_mapping": {}})
-    hf = ck.hf_config
-    layer = FusedMoE(
-        num_experts=EXPERTS,
-        top_k=TOP_K,
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["moe_intermediate_size"],
-        layer_id=int(prefix.split(".")[2]),
-        quant_config=config,
-        prefix=prefix,
-        params_dtype=torch.bfloat16,
-    )
+    layer = fused_moe(ck.hf_config, config, prefix, EXPERTS, TOP_K)
     assert isinstance(layer.scheme, PortableMoEScheme)
-    params = dict(layer.named_parameters(prefix="experts"))
-    mapping = FusedMoE.make_expert_params_mapping("gate_proj", "down_proj", "up_proj", EXPERTS)
-    loaded = 0
-    for tensor_name, tensor in ck.wrap(iter(load_tensors(path).items())):
-        if not tensor_name.startswith(f"{prefix}."):
-            continue
-        short = tensor_name.removeprefix(f"{prefix.rsplit('.', 1)[0]}.")  # experts.{e}.{proj}.{tensor}
-        param_name, weight_name, expert, shard = next(m for m in mapping if m[1] in short)
-        param = params[short.replace(weight_name, param_name)]
-        param.weight_loader(param, tensor, short.replace(weight_name, param_name), shard_id=shard, expert_id=expert)
-        loaded += 1
-    assert loaded > 0
+    assert load_experts(layer, ck.wrap(iter(load_tensors(path).items()))) > 0
     return layer
 
 

@@ -3,13 +3,14 @@ compressed-tensors path cannot express: run-time pre_quant_scale, CPU kernels, n
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import sglang
 import torch
-from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 from sglang.srt.layers.linear import LinearBase
 from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 from sglang.srt.layers.quantization.base_config import QuantizeMethodBase
@@ -18,8 +19,17 @@ from sglang.srt.layers.quantization.compressed_tensors.compressed_tensors import
     CompressedTensorsFusedMoEMethod,
     CompressedTensorsLinearMethod,
 )
-from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsW8A8Int8
+from sglang.srt.layers.quantization.compressed_tensors.schemes import (
+    CompressedTensorsW8A8Fp8,
+    CompressedTensorsW8A8Fp8MoE,
+    CompressedTensorsW8A8Int8,
+)
 from sglang.srt.layers.quantization.compressed_tensors.utils import check_equal_or_regex_match
+from sglang.srt.layers.quantization.modelopt_quant import (
+    ModelOptFp8Config,
+    ModelOptFp8LinearMethod,
+    ModelOptFp8MoEMethod,
+)
 from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead
 from sglang.srt.utils import is_cpu
@@ -103,6 +113,9 @@ class LazyxformConfig(CompressedTensorsConfig):
         if not is_cpu():
             method = super().get_quant_method(layer, prefix)
             if not input_scaled:
+                if isinstance(method, CompressedTensorsFusedMoEMethod) and modelopt_fp8_experts(layer.scheme):
+                    drop_scheme(layer)  # SGLang's expert weight loader dispatches on layer.scheme first
+                    return ModelOptFp8MoEMethod(self.modelopt_fp8)  # why: modelopt_fp8
                 return method
             # Experts lazyxform did not stream dense: one scale per layer (or a format it cannot
             # dequantize, whose differing scales stop loading in PreQuantScaleMoEScheme).
@@ -129,7 +142,30 @@ class LazyxformConfig(CompressedTensorsConfig):
         target = next((t for t in self.target_scheme_map if check_equal_or_regex_match(layer_name=prefix, targets=[t])), None)
         return None if target is None else Scheme.of(self.get_scheme_dict(layer, prefix, matched_target=target))
 
+    @functools.cached_property
+    def modelopt_fp8(self) -> ModelOptFp8Config:
+        """SGLang's own ModelOpt FP8 config, for the layers of ModelOpt's FP8 recipe on a GPU: there
+        lazyxform hands SGLang's ModelOpt FP8 methods, not the compressed-tensors FP8 schemes.
+
+        Why: SGLang's native ModelOpt path is the checkpoint's own function as SGLang computes it
+        (LAZYXFORM_SGLANG_ROUTE=auto leaves FP8 checkpoints to it), and route `all` must give its
+        logprobs bit for bit. The compressed-tensors scheme computes the same function (the members
+        of a fused layer requantized to their largest weight scale, the input quantized with its
+        static per-tensor scale) with another GEMM: apply_fp8_linear(..., compressed_tensor_quant=True)
+        with a per-tensor weight scale (torch._scaled_mm), where the ModelOpt method picks its own
+        (on an H200 with SGLang 0.5.17, the scale broadcast per channel for sgl-kernel's CUTLASS
+        fp8_scaled_mm): 0.055 nats apart there. Its experts likewise run another fused-MoE method.
+
+        lazyxform's FP8 stream keeps ModelOpt's tensor names and layouts (weight fp8 [N, K];
+        weight_scale and input_scale, one element per module; experts mapped by SGLang's
+        expert_params_mapping to w13_/w2_ weight, weight_scale and input_scale), so these methods load
+        it as they load a native checkpoint. Built once, for the first such layer (its constructor
+        logs SGLang's "Detected ModelOpt FP8 checkpoint" warning)."""
+        return ModelOptFp8Config(is_checkpoint_fp8_serialized=True)
+
     def _linear_method(self, layer: LinearBase | ParallelLMHead, prefix: str) -> QuantizeMethodBase | None:
+        members = self._checkpoint_modules(prefix)
+        scaled = [m for m in members if m in self.runtime_pre_quant_scale]
         scheme = self._linear_scheme(layer, prefix)
         if scheme is None:  # unquantized, or dequantized by lazyxform (listed in `ignore`)
             # A head's unquantized method is SGLang's embedding default (None).
@@ -145,8 +181,9 @@ class LazyxformConfig(CompressedTensorsConfig):
             inner = getattr(layer, "scheme", None)
             if isinstance(inner, CompressedTensorsW8A8Int8) and inner.is_static_input_scheme:
                 layer.scheme = StaticInt8InputScheme(inner)  # loads and applies its static input scale
-        members = self._checkpoint_modules(prefix)
-        scaled = [m for m in members if m in self.runtime_pre_quant_scale]
+            elif not scaled and modelopt_fp8_linear(inner):
+                drop_scheme(layer)
+                method = ModelOptFp8LinearMethod(self.modelopt_fp8)  # why: modelopt_fp8
         if not scaled:
             return method
         if len(scaled) != len(members) or not isinstance(method, CompressedTensorsLinearMethod):
@@ -171,6 +208,35 @@ class LazyxformConfig(CompressedTensorsConfig):
         parent, dot, leaf = prefix.rpartition(".")
         members = None if prefix in self.checkpoint_modules else self.packed_modules_mapping.get(leaf) or FUSED.get(leaf)
         return [f"{parent}{dot}{m}" for m in members] if members else [prefix]
+
+
+def modelopt_fp8_linear(scheme: object) -> bool:
+    """SGLang's compressed-tensors linear scheme for ModelOpt's FP8 recipe: FP8 weights with one
+    scale per tensor, the input quantized with a static per-tensor scale (SGLang's scheme is static
+    only for a symmetric per-tensor input, _is_fp8_w8a8)."""
+    return (
+        isinstance(scheme, CompressedTensorsW8A8Fp8)
+        and scheme.strategy == QuantizationStrategy.TENSOR
+        and bool(scheme.is_static_input_scheme)
+    )
+
+
+def modelopt_fp8_experts(scheme: object) -> bool:
+    """SGLang's compressed-tensors fused-MoE scheme for ModelOpt's FP8 experts: weights and inputs
+    per tensor, inputs static."""
+    return (
+        isinstance(scheme, CompressedTensorsW8A8Fp8MoE)
+        and scheme.weight_quant.strategy == QuantizationStrategy.TENSOR
+        and scheme.input_quant.strategy == QuantizationStrategy.TENSOR
+        and scheme.static_input_scales
+    )
+
+
+def drop_scheme(layer: torch.nn.Module) -> None:
+    """Removes the compressed-tensors scheme super().get_quant_method set on a layer that gets another
+    method: SGLang reads layer.scheme before the method (FusedMoE's weight loader; 0.5.17 asks
+    hasattr(layer, "scheme"), 0.5.23 has a class default of None that this uncovers)."""
+    layer.__dict__.pop("scheme", None)
 
 
 def get_quant_config(original: Callable[..., Any], model_config: Any, *args: Any, **kwargs: Any) -> Any:
