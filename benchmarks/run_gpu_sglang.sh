@@ -15,7 +15,7 @@ only=()
 timeout "${BUDGET_S:-480}" python3 benchmarks/gpu_sglang.py serve --out "$res" --fixtures "${FIXTURES_DIR:-tests/fixtures/modelopt}" --timeout "${RUN_TIMEOUT_S:-200}" --jobs "${JOBS:-1}" "${only[@]}" 2>&1 | tee "$res/harness.log"
 echo "harness exited with $?"
 # Stopped by the budget before compare: compare what finished.
-[ -f "$res/table.md" ] || python3 benchmarks/gpu_sglang.py compare "$res" 2>&1 | tail -n 20
+[ -f "$res/table.md" ] || python3 benchmarks/gpu_sglang.py compare "$res" --fixtures "${FIXTURES_DIR:-tests/fixtures/modelopt}" 2>&1 | tail -n 20
 tar czf - -C /tmp --exclude=res-sglang/fixtures res-sglang | split -b 15M - "$OUT/sglang.tgz.part"
 # The kernels SGLang built with nvcc at first use (tvm-ffi's content-addressed cache, .so files): save
 # $OUT/sglang-jit.tgz.part* as .kit-sglang-jit/ here, and the next kit skips those builds (docs/sglang.md).
