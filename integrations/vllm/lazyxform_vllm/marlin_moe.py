@@ -1,7 +1,8 @@
 """vLLM's Marlin MoE for INT4/INT8 experts: the gate/up scales put back in the order its kernel reads.
 
-vLLM (0.26 to at least 0.32; vllm-project/vllm#50196, open) permutes the experts' w13 (gate/up) group
-scales for Marlin with `size_k = intermediate_size_per_partition`, though w13's K is the hidden size.
+vLLM (0.26, and 0.32 and 0.33 as read; vllm-project/vllm#50196, open) permutes the experts' w13
+(gate/up) group scales for Marlin with `size_k = intermediate_size_per_partition`, though w13's K is
+the hidden size.
 `marlin_permute_scales` takes its channelwise ("single") column order when group_size >= size_k, while
 the kernel reads grouped scales whenever there are several groups along K (hidden // group_size). So
 where intermediate <= group_size < hidden, every gate/up column is scaled by another column's scale:
