@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import FIXTURES
 from test_vllm_experts import Kernel
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import _pad_w13_shard_cols
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
 from vllm.model_executor.layers.quantization.utils.marlin_utils import (
     marlin_moe_padded_intermediate,
     marlin_moe_permute_scales,
 )
 
+from lazyxform_vllm import quant_config
+from lazyxform_vllm.config_parser import MARK
 from lazyxform_vllm.experts import mix_in
 from lazyxform_vllm.marlin_moe import MarlinGateUpScaleOrder, reorder_gate_up_scales
 
@@ -81,3 +86,18 @@ def test_the_method_repairs_after_vllms_own_processing() -> None:
     assert type(method).__name__ == "VllmMarlin"  # vLLM's expert weight loader dispatches on the name
     method.process_weights_after_loading(layer)
     assert torch.equal(layer.w13_weight_scale, vllm_order(loaded, 128, size_k=256))
+
+
+@pytest.mark.parametrize(("name", "mixed"), [("qwen3moe_int4_awq", True), ("qwen3moe_fp8", False)])
+def test_integer_weight_only_experts_get_the_repair_on_a_gpu(name: str, mixed: bool, monkeypatch) -> None:
+    """The plugin's choice on a GPU (simulated): vLLM's own experts method, with MarlinGateUpScaleOrder
+    in front for integer weight-only experts only, under the method's own class name."""
+    monkeypatch.setattr(quant_config.current_platform, "is_cpu", lambda: False)
+    monkeypatch.setattr(CompressedTensorsConfig, "get_quant_method", lambda self, layer, prefix: Kernel())
+    config = quant_config.LazyxformConfig.from_config({MARK: {"checkpoint": str(FIXTURES / name), "served": True}})
+    layer = RoutedExperts.__new__(RoutedExperts)
+    torch.nn.Module.__init__(layer)
+    layer.ckpt_gate_proj_name, layer.ckpt_down_proj_name, layer.layer_name = "gate_proj", "down_proj", "model.layers.0.mlp.experts"
+    method = config.get_quant_method(layer, "model.layers.0.mlp.experts")
+    assert type(method).__name__ == "Kernel"
+    assert isinstance(method, MarlinGateUpScaleOrder) == mixed
