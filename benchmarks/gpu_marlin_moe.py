@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from lazyxform.ops.pack import pack_int32_cols
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -116,12 +118,9 @@ def pack_gptq(codes: torch.Tensor) -> torch.Tensor:
     """[E, out, in] codes -> [E, in // 8, out] int32, eight rows of K per int32, row 8i + j in bits
     4j..4j+3: GPTQ's layout (vLLM's pack_rows), which is how CompressedTensorsWNA16MarlinMoEMethod holds
     a pack-quantized checkpoint's experts once loaded (transposed, `w13_weight_packed` [E, K // 8, 2N])
-    and what `gptq_marlin_moe_repack` reads."""
-    E, out, k = codes.shape
-    c = codes.to(torch.int64).transpose(1, 2).reshape(E, k // 8, 8, out)
-    shifts = (4 * torch.arange(8, dtype=torch.int64)).view(1, 1, 8, 1)
-    packed = (c << shifts).sum(dim=2)  # < 2**32: exact in int64
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
+    and what `gptq_marlin_moe_repack` reads: compressed-tensors' packing along K (the codes are
+    offset-binary, code = value + 8, as there), transposed."""
+    return pack_int32_cols(codes.to(torch.int32) - 8, 4).transpose(1, 2).contiguous()
 
 
 def unpack_gptq(packed: torch.Tensor) -> torch.Tensor:
