@@ -13,6 +13,7 @@ the few conventions used (`w13_`/`w2_` parameter names, a scale's kind in `quant
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -340,6 +341,15 @@ def experts_unlike_the_first(scales: torch.Tensor) -> list[int]:
     routed input once."""
     return [e for e in range(len(scales)) if not torch.equal(scales[e], scales[0])]
 
+
+
+@functools.cache
+def mix_in(mixin: type, cls: type) -> type:
+    """`cls` with `mixin` in front, under cls's name and qualname: both engines' expert weight loaders
+    dispatch on the class name of the method (vLLM's RoutedExperts) or scheme (SGLang's FusedMoE). The
+    plugins assign it to an instance's __class__, so `mixin` derives from cls's base (the same instance
+    layout)."""
+    return type(cls)(cls.__name__, (mixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 # --- activations: the scheme's input quantizer, fake-quantized in float32 ----------------------------
 

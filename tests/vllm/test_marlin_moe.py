@@ -17,9 +17,9 @@ from vllm.model_executor.layers.quantization.utils.marlin_utils import (
     marlin_moe_permute_scales,
 )
 
+from lazyxform.emulate import mix_in
 from lazyxform_vllm import quant_config
 from lazyxform_vllm.config_parser import MARK
-from lazyxform_vllm.experts import mix_in
 from lazyxform_vllm.marlin_moe import MarlinGateUpScaleOrder, reorder_gate_up_scales
 
 EXPERTS = 3

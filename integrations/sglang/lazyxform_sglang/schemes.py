@@ -53,6 +53,7 @@ from lazyxform.emulate import (
     experts_unlike_the_first,
     linear,
     load_expert_input_scale,
+    mix_in,
     parameter_classes,
     register_experts,
     register_layout,
@@ -255,13 +256,8 @@ def scale_experts_input(scheme: CompressedTensorsMoEScheme) -> CompressedTensors
     module docstring). A mixin, not a wrapper object: SGLang's expert weight loader dispatches on the
     scheme's class name (FusedMoE._weight_loader_impl transposes the weights of
     CompressedTensorsWNA16MoE, INT4 AWQ's scheme) and on isinstance, so the scheme keeps both."""
-    scheme.__class__ = _with_experts_pre_quant_scale(type(scheme))
+    scheme.__class__ = mix_in(PreQuantScaleMoEScheme, type(scheme))
     return scheme
-
-
-@functools.cache
-def _with_experts_pre_quant_scale(cls: type) -> type:
-    return type(cls)(cls.__name__, (PreQuantScaleMoEScheme, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 # A CompressedTensorsMoEScheme itself, so that the combined class has the instance layout of the scheme.

@@ -33,7 +33,7 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 from vllm.model_executor.utils import set_weight_attrs
 
 from lazyxform import UnsupportedAlgoError
-from lazyxform.emulate import experts_unlike_the_first, load_expert_input_scale, require_expert_input_scales
+from lazyxform.emulate import experts_unlike_the_first, load_expert_input_scale, mix_in, require_expert_input_scales
 
 PARAM = "w13_pre_quant_scale"
 
@@ -51,13 +51,6 @@ def scale_experts_input(method: FusedMoEMethodBase, layer: Any, scaled: list[str
         )
     method.__class__ = mix_in(ExpertsInputScale, type(method))
     return method
-
-
-@functools.cache
-def mix_in(mixin: type, cls: type) -> type:
-    """`cls` with `mixin` in front, under cls's name (vLLM's expert weight loader dispatches on the
-    method's class name)."""
-    return type(cls.__name__, (mixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 # A FusedMoEMethodBase itself, so that the combined class has the instance layout of the method

@@ -67,7 +67,7 @@ def _holds(unpermuted: torch.Tensor, loaded: torch.Tensor) -> bool:
 # A FusedMoEMethodBase, as experts.ExpertsInputScale and for the same reason.
 class MarlinGateUpScaleOrder(FusedMoEMethodBase):
     """Mixed in front of vLLM's compressed-tensors MoE method for integer weight-only experts on a GPU
-    (experts.mix_in; see the module docstring)."""
+    (lazyxform.emulate.mix_in; see the module docstring)."""
 
     def process_weights_after_loading(self, layer: Any) -> None:
         scales = getattr(layer, "w13_weight_scale", None)

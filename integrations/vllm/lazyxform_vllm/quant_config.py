@@ -19,11 +19,11 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.platforms import current_platform
 
 import lazyxform
-from lazyxform.emulate import Scheme
+from lazyxform.emulate import Scheme, mix_in
 from lazyxform.fallback import ExpertsInputScale
 
 from .config_parser import MARK
-from .experts import mix_in, scale_experts_input
+from .experts import scale_experts_input
 from .linear import PreQuantScaleLinearMethod
 from .marlin_moe import MarlinGateUpScaleOrder
 
