@@ -6,7 +6,7 @@ import copy
 import functools
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class Checkpoint:
         fallback: Fallback = "dequantize",
         staging_bytes: int | None = None,
         experts_input_scale: ExpertsInputScale = "runtime",
+        as_exported: Collection[str] = (),
     ) -> None:
         self.path = Path(path)
         if not self.path.exists():
@@ -60,7 +61,7 @@ class Checkpoint:
         self.modelopt_config: ModelOptConfig
         self.plan: Plan
         self.modelopt_config, self._raw_config, self.plan, self._build_config = _planned(
-            self.path.resolve(), fallback, experts_input_scale, _signature(self.path)
+            self.path.resolve(), fallback, experts_input_scale, frozenset(as_exported), _signature(self.path)
         )
         for warning in self.plan.warnings:
             warnings.warn(warning, LazyxformWarning, stacklevel=3)  # the caller of lazyxform.open
@@ -134,12 +135,16 @@ def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
 
 @functools.lru_cache(maxsize=PLANS_CACHED)
 def _planned(
-    path: Path, fallback: Fallback, experts_input_scale: ExpertsInputScale, signature: tuple[tuple[str, int, int], ...]
+    path: Path,
+    fallback: Fallback,
+    experts_input_scale: ExpertsInputScale,
+    as_exported: frozenset[str],
+    signature: tuple[tuple[str, int, int], ...],
 ) -> tuple[ModelOptConfig, dict[str, Any], Plan, Callable[[], dict[str, Any]]]:
     """Config, plan and config builder of one checkpoint state (`signature` is only the cache key)."""
     modelopt_config, raw_config = read_modelopt_config(path)
     tensors = index_checkpoint(path)
-    plan, build_config = plan_and_config(modelopt_config, tensors, raw_config, fallback, experts_input_scale, read_each)
+    plan, build_config = plan_and_config(modelopt_config, tensors, raw_config, fallback, experts_input_scale, read_each, as_exported)
     return modelopt_config, raw_config, plan, functools.cache(build_config)
 
 
@@ -149,6 +154,7 @@ def open(  # noqa: A001
     fallback: Fallback = "dequantize",
     staging_bytes: int | None = None,
     experts_input_scale: ExpertsInputScale = "runtime",
+    as_exported: Collection[str] = (),
 ) -> Checkpoint:
     """Open a ModelOpt checkpoint directory. `device=None` picks cuda when available, else cpu.
     `fallback` decides what happens to modules whose format has no compressed-tensors scheme
@@ -158,5 +164,10 @@ def open(  # noqa: A001
     of a layer, "runtime" (default) keeps them for an engine kernel that scales each expert's input
     (`runtime_pre_quant_scale`); "dense", for an engine whose fused-MoE kernel takes one input for
     all experts, streams those layers' experts as dense model-dtype weights with the scales
-    multiplied in (`dense_modules`; planning then reads those scale vectors, not only headers)."""
-    return Checkpoint(path, device, fallback, staging_bytes, experts_input_scale)
+    multiplied in (`dense_modules`; planning then reads those scale vectors, not only headers).
+    `as_exported`: names of quantized modules that the engine loads with its own ModelOpt method
+    rather than a compressed-tensors scheme: their tensors stream as ModelOpt exported them (names,
+    shapes, bytes; headers and float scale values checked), while a pre_quant_scale of theirs is still
+    folded or kept as planned; the config still lists their compressed-tensors scheme. A module
+    fused with siblings into one GEMM comes with them (planning names what cannot)."""
+    return Checkpoint(path, device, fallback, staging_bytes, experts_input_scale, as_exported)

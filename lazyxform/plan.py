@@ -89,6 +89,9 @@ class Plan:
     runtime_pre_quant_scale: list[str]
     tensors: dict[str, TensorInfo]
     warnings: list[str] = field(default_factory=list)
+    # Quantized modules whose tensors stream as ModelOpt exported them, for an engine's own ModelOpt
+    # method (lazyxform.open's `as_exported`); the config still lists their compressed-tensors scheme.
+    as_exported: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         """A summary of a few lines; `to_json()` has everything."""
@@ -115,6 +118,8 @@ class Plan:
             lines.append(f"  passthrough: {some(self.passthrough)}")
         if self.runtime_pre_quant_scale:
             lines.append(f"  runtime pre_quant_scale: {some(self.runtime_pre_quant_scale)}")
+        if self.as_exported:
+            lines.append(f"  as exported: {some(self.as_exported)}")
         lines += [f"  warning: {clip(w)}" for w in self.warnings[:REPR_ROWS]]
         if len(self.warnings) > REPR_ROWS:
             lines.append(f"  ... and {len(self.warnings) - REPR_ROWS} more warnings")
@@ -128,6 +133,7 @@ class Plan:
             "modules": [vars(m) for m in self.modules],
             "runtime_pre_quant_scale": self.runtime_pre_quant_scale,
             "passthrough": self.passthrough,
+            "as_exported": self.as_exported,
             "groups": [{"inputs": list(g.inputs), "outputs": list(g.outputs), "rules": [r.label for r in g.rules]} for g in self.groups],
             "warnings": self.warnings,
         }

@@ -7,7 +7,7 @@ what the recipe declares it reads and writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -15,10 +15,10 @@ import torch
 from .errors import ConfigError, MissingTensorError, UnexpectedTensorError, UnplaceableModuleError
 from .fallback import ExpertsInputScale, Fallback, Read, plan_dense_experts, plan_dense_fallback
 from .modelopt import ModelOptConfig, fnmatch_regex_source
-from .plan import ModulePlan, Plan, Rule, coalesce
+from .plan import ModulePlan, Plan, Rule, Tensors, coalesce
 from .prequant import PQS, plan_pre_quant
 from .recipes import RECIPES, Module, Recipe, Target, recipe_for
-from .recipes.base import Args, RowFactor, describe_target
+from .recipes.base import Args, RowFactor, check_scale, describe_target
 from .recipes.kv import KV_SCALE, kv_cache_args, kv_scale_rules
 from .shards import TensorInfo
 from .topology import Topology, topology_of
@@ -52,11 +52,13 @@ def plan_and_config(
     fallback: Fallback = "dequantize",
     experts_input_scale: ExpertsInputScale = "runtime",
     read: Read | None = None,
+    as_exported: Collection[str] = (),
 ) -> tuple[Plan, Callable[[], dict[str, Any]]]:
     """The plan, and a function that builds the compressed-tensors config: only it imports
     compressed-tensors (seconds), which `lazyxform inspect` without --json never needs.
     experts_input_scale="dense" is the one case that reads tensor values (`read`): the routed
-    experts' gate/up pre_quant_scales (fallback.plan_dense_experts)."""
+    experts' gate/up pre_quant_scales (fallback.plan_dense_experts). `as_exported`: quantized
+    modules whose tensors stream as ModelOpt exported them (checkpoint.open)."""
     dtype = model_dtype(hf_config)
     topology = topology_of(hf_config)
     kv_args = kv_cache_args(cfg.kv_cache_algo) if cfg.kv_cache_algo else None  # an unknown one is refused first
@@ -69,18 +71,23 @@ def plan_and_config(
     modules = {name: mr for name, mr in modules.items() if name not in experts.modules}
     targets: dict[str, Target] = {name: t for name, t in all_targets.items() if t is not None and name in modules}
     pre = plan_pre_quant(modules, tensors, topology, cfg.kv_cache_algo)
+    fused_sets = _fused_scale_sets(modules, topology)
+    exported = _checked_as_exported(as_exported, modules, fused_sets, pre.row_factors)
 
     rules: list[Rule] = list(pre.rules)
     for m, recipe in [*dense.modules.values(), *experts.modules.values()]:
         rules += _declared(recipe, recipe.dense_rules(m), [m], recipe.reads + (PQS,), ("weight",))
+    # A module streamed as exported still gets its recipe's rules made: that is where its headers are checked.
     for name, (m, recipe) in modules.items():
         row_factor = pre.row_factors.get(name)
         own = tuple(s for s in recipe.reads if s not in recipe.shared)
-        rules += _declared(recipe, recipe.rules(m, row_factor), [m], own, recipe.writes, row_factor)
-    for members in _fused_scale_sets(modules, topology):
+        converted = _declared(recipe, recipe.rules(m, row_factor), [m], own, recipe.writes, row_factor)
+        rules += [_as_exported_rule(m, recipe)] if name in exported else converted
+    for members in fused_sets:
         recipe = members[0][1]
         fused = [m for m, _ in members]
-        rules += _declared(recipe, recipe.fused_rules(fused), fused, recipe.shared, recipe.writes)
+        converted = _declared(recipe, recipe.fused_rules(fused), fused, recipe.shared, recipe.writes)
+        rules += [] if fused[0].name in exported else converted
     kv_rules = kv_scale_rules(tensors)
     if kv_rules and cfg.kv_cache_algo is None:
         raise ConfigError(f"{cfg.source}: tensors such as {kv_rules[0].inputs[0]} are KV-cache scales but the config has no kv_cache_quant_algo")
@@ -107,6 +114,7 @@ def plan_and_config(
         passthrough=[n for n in tensors if n not in consumed],
         runtime_pre_quant_scale=pre.runtime,
         tensors=tensors,
+        as_exported=sorted(exported),
     )
     plan.warnings += [w for w in (dense.warning, experts.warning) if w]
     plan.warnings += pre.warnings
@@ -136,6 +144,40 @@ def _declared(
         if undeclared:
             raise AssertionError(f"{type(recipe).__name__}: rule {rule.label!r} uses {undeclared}, which the recipe does not declare")
     return rules
+
+
+def _checked_as_exported(
+    names: Collection[str], modules: Quantized, fused_sets: list[list[tuple[Module, Recipe]]], row_factors: dict[str, RowFactor]
+) -> frozenset[str]:
+    """The modules to stream as exported, after checking that each can be: a quantized module with a
+    compressed-tensors target, whose rows no consumer's pre_quant_scale is folded into (that changes
+    its scales), and with it every sibling it shares scales with in one GEMM."""
+    exported = frozenset(names)
+    for name in sorted(exported):
+        if name not in modules:
+            raise ConfigError(f"{name} is to stream as exported, but it is not a quantized module with a compressed-tensors target")
+        if name in row_factors:
+            raise ConfigError(f"{name} is to stream as exported, but {row_factors[name].name} is folded into its rows")
+    for members in fused_sets:
+        names_in_set = [m.name for m, _ in members]
+        chosen = [n for n in names_in_set if n in exported]
+        if chosen and len(chosen) != len(names_in_set):
+            raise ConfigError(f"as_exported names {', '.join(chosen)} but not the rest of the fused set {names_in_set}, which shares its scales")
+    return exported
+
+
+def _as_exported_rule(m: Module, recipe: Recipe) -> Rule:
+    """Every tensor the recipe reads, under its checkpoint name and unchanged; float scales checked
+    (finite, > 0) as a conversion would check them."""
+    names = tuple(m.source(s) for s in recipe.reads)
+    scales = [m.source(s) for s in recipe.reads if s != "weight" and m.info(s).dtype.is_floating_point]
+
+    def fn(t: Tensors) -> dict[str, torch.Tensor]:
+        for n in scales:
+            check_scale(n, t[n])
+        return {n: t[n] for n in names}
+
+    return Rule("as exported, for the engine's own ModelOpt method (scales checked)", names, names, fn)
 
 
 def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtype: torch.dtype) -> Quantized:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from algos import FIXTURE_TABLE, fixtures
 from compressed_tensors.quantization import QuantizationConfig
 from helpers import (
@@ -177,3 +178,47 @@ def test_mixed_precision_every_module_is_exact_in_its_own_format(mixed):
     # layer 0: the INT4 down_proj's pre_quant_scale went into the INT4 up_proj's rows
     assert ck.plan.runtime_pre_quant_scale == []
     assert "model.layers.0.mlp.down_proj.pre_quant_scale" not in out
+
+
+ATTENTION = [f"model.layers.0.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")]
+NVFP4_TENSORS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+
+
+def test_as_exported_modules_stream_unchanged_and_the_rest_is_converted():
+    """An engine's own ModelOpt method loads these modules: their tensors come out as ModelOpt wrote
+    them (name, dtype, shape, bytes; NVFP4's per-tensor scales 0-d and not inverted), the others as
+    compressed-tensors tensors, and the config is unchanged."""
+    path = FIXTURES / "nvfp4"
+    tensors = load_tensors(path)
+    ck = lazyxform.open(path, device="cpu", as_exported=ATTENTION)
+    assert ck.plan.as_exported == sorted(ATTENTION)
+    out = dict(ck.wrap(iter(tensors.items())))
+    for module in ATTENTION:
+        for suffix in NVFP4_TENSORS:
+            name = f"{module}.{suffix}"
+            assert (out[name].dtype, out[name].shape) == (tensors[name].dtype, tensors[name].shape), name
+            assert torch.equal(out[name].reshape(-1).view(torch.uint8), tensors[name].reshape(-1).view(torch.uint8)), name
+        assert f"{module}.weight_packed" not in out and f"{module}.weight_global_scale" not in out
+    assert "model.layers.0.self_attn.o_proj.weight_packed" in out and "model.layers.0.self_attn.o_proj.weight" not in out
+    assert ck.quantization_config == lazyxform.open(path, device="cpu").quantization_config
+
+
+def test_as_exported_scales_are_still_checked(tmp_path):
+    ckpt = copy_fixture("nvfp4", tmp_path)
+    rewrite_tensors(ckpt, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight_scale_2": torch.tensor(0.0)}))
+    with pytest.raises(lazyxform.BadScaleError, match=r"^model\.layers\.0\.self_attn\.k_proj\.weight_scale_2: 1 of 1 "):
+        list(lazyxform.open(ckpt, device="cpu", as_exported=ATTENTION))
+
+
+@pytest.mark.parametrize(
+    ("fixture", "modules", "error"),
+    [
+        ("nvfp4", ATTENTION[:1], r"as_exported names model\.layers\.0\.self_attn\.q_proj but not the rest of the fused set"),
+        ("nvfp4", ["model.layers.0.input_layernorm"], r"model\.layers\.0\.input_layernorm is to stream as exported, but it is not a quantized module"),
+        ("nvfp4_svdquant", ["model.layers.0.mlp.down_proj"], r"down_proj is to stream as exported, but it is not a quantized module with a compressed-tensors target"),
+        ("int4_awq", ["model.layers.0.mlp.up_proj"], r"up_proj is to stream as exported, but model\.layers\.0\.mlp\.down_proj\.pre_quant_scale is folded into its rows"),
+    ],
+)
+def test_what_cannot_stream_as_exported_is_named(fixture, modules, error):
+    with pytest.raises(lazyxform.ConfigError, match=error):
+        lazyxform.open(FIXTURES / fixture, device="cpu", as_exported=modules)
