@@ -102,10 +102,12 @@ ALGOS: dict[str, Algo] = {
 # its CompressedTensorsLinearMethod. SM 9.0 has no FP4 GEMM: SGLang serves NVFP4 W4A4 weight-only
 # there (FP4 Marlin). None: SGLang has no such linear scheme (lazyxform refuses the layer by name);
 # "dense": no compressed-tensors equivalent, dequantized by lazyxform.
-# FP8 is a method, not a scheme: for ModelOpt's FP8 recipe (per-tensor weights, static per-tensor
-# input) SGLang picks CompressedTensorsW8A8Fp8, and lazyxform hands SGLang's native
+# FP8 and NVFP4 are methods, not schemes: for ModelOpt's FP8 recipe (per-tensor weights, static
+# per-tensor input) SGLang picks CompressedTensorsW8A8Fp8, and lazyxform hands SGLang's native
 # ModelOptFp8LinearMethod instead, the same bits as SGLang's ModelOpt path, where the
-# compressed-tensors scheme runs another GEMM (LazyxformConfig.modelopt_fp8). The other FP8 recipes
+# compressed-tensors scheme runs another GEMM; for NVFP4 (without a pre_quant_scale) its
+# ModelOptFp4LinearMethod, which runs FP4 Marlin on SM 9.0, where SGLang 0.5.17 has no
+# compressed-tensors scheme (LazyxformConfig.modelopt_method). The other FP8 recipes, and NVFP4_AWQ,
 # keep SGLang's compressed-tensors scheme.
 _W8A8FP8 = ("CompressedTensorsW8A8Fp8",) * 2
 _W4A16FP4 = ("CompressedTensorsW4A16Fp4",) * 2
@@ -114,7 +116,8 @@ SGLANG_SCHEME: dict[str, tuple[str | None, str | None]] = {
     **dict.fromkeys(("FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "FP8_PB_REAL"), _W8A8FP8),
     **dict.fromkeys(("W4A16_AWQ", "W8A16"), ("CompressedTensorsWNA16",) * 2),
     "W8A8_SQ_PER_CHANNEL": ("CompressedTensorsW8A8Int8",) * 2,
-    **dict.fromkeys(("NVFP4", "NVFP4_AWQ"), ("CompressedTensorsW4A16Fp4", "CompressedTensorsW4A4Fp4")),
+    "NVFP4": ("ModelOptFp4LinearMethod",) * 2,
+    "NVFP4_AWQ": ("CompressedTensorsW4A16Fp4", "CompressedTensorsW4A4Fp4"),
     **dict.fromkeys(("W4A16_NVFP4", "W4A8_NVFP4_FP8"), _W4A16FP4),
     **dict.fromkeys(("MXFP4", "MXFP8", "W4A8_AWQ", "W4A8_MXFP4_FP8"), (None, None)),
     "NVFP4_SVD": ("dense", "dense"),

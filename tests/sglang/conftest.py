@@ -67,11 +67,8 @@ def one_rank_group() -> Iterator[None]:
 
 @pytest.fixture
 def gpu_branch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """LazyxformConfig's GPU branch on this CPU: is_cpu() answered False and an SM 9.0 capability, as
-    test_sglang_config does, for layers built in the test process."""
-    import torch
+    """The plugin's GPU branches on this CPU, an SM 9.0 (sglang_support.answer_gpu), for layers built in
+    the test process."""
+    from sglang_support import answer_gpu
 
-    from lazyxform_sglang import quant_config
-
-    monkeypatch.setattr(quant_config, "is_cpu", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    answer_gpu(monkeypatch)

@@ -4,14 +4,17 @@ through their own weight loaders as SGLang's model loaders fill them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 PROMPTS = [
@@ -158,3 +161,78 @@ def load_experts(layer: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> int
         param.weight_loader(param, tensor, short.replace(weight_name, param_name), shard_id=shard, expert_id=expert)
         loaded += 1
     return loaded
+
+
+def answer_gpu(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] = (9, 0)) -> None:
+    """The plugin's GPU branches on this CPU: is_cpu() answered False where lazyxform_sglang reads it
+    (the checkpoint it opens, the methods it hands out), and a GPU of `capability` where SGLang asks."""
+    from lazyxform_sglang import config, quant_config
+
+    for module in (config, quant_config):
+        monkeypatch.setattr(module, "is_cpu", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+
+
+def lazyxform_config(path: Path, packed_modules_mapping: dict[str, list[str]] | None = None) -> Any:
+    """What SGLang's get_quant_config builds for a checkpoint lazyxform serves, through the hook."""
+    from lazyxform_sglang.config import MARK, open_checkpoint
+    from lazyxform_sglang.quant_config import LazyxformConfig
+
+    config = open_checkpoint(path, "cpu").quantization_config
+    return LazyxformConfig.from_config({**config, MARK: {"checkpoint": str(path)}, "packed_modules_mapping": packed_modules_mapping or {}})
+
+
+def plugin_stream(path: Path, tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """The plugin's rewrite of `tensors` (the checkpoint's, or altered), on the CPU, as its weight hook opens it."""
+    import lazyxform
+    from lazyxform_sglang.config import open_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lazyxform.LazyxformWarning)  # e.g. distinct input scales merged by a conversion
+        return list(open_checkpoint(path, "cpu").wrap(iter(tensors.items())))
+
+
+def assert_same_layer(got: torch.nn.Module, want: torch.nn.Module, what: str, config_fields: tuple[str, ...]) -> None:
+    """The same parameters, attributes and method state: tensors of the same dtype, shape, strides and
+    bits; other values equal, objects without an equality of their own (MoE runners, dispatchers)
+    compared attribute by attribute, references to the layer (or to another object compared) as such.
+    The config a layer and its method were built with differs by construction (lazyxform's, or
+    SGLang's from the checkpoint): of it, `config_fields`, what the method reads, are compared."""
+    assert type(got.quant_method) is type(want.quant_method), what
+    for field in config_fields:
+        assert getattr(got.quant_method.quant_config, field) == getattr(want.quant_method.quant_config, field), f"{what}: {field}"
+    pairs: dict[int, Any] = {id(want): got}
+    params = dict(want.named_parameters())
+    assert params.keys() == dict(got.named_parameters()).keys(), what
+    for name, value in params.items():
+        assert_same(getattr(got, name), value, f"{what}.{name}", pairs)
+    for a, b, where in ((got, want, what), (got.quant_method, want.quant_method, f"{what}.quant_method")):
+        attrs = {k: v for k, v in vars(b).items() if not k.startswith("_") and k not in (BUILT_WITH, "quant_method")}
+        assert attrs.keys() == {k for k in vars(a) if not k.startswith("_") and k not in (BUILT_WITH, "quant_method")}, where
+        for name, value in attrs.items():
+            assert_same(getattr(a, name), value, f"{where}.{name}", pairs)
+
+
+BUILT_WITH = "quant_config"  # the attribute holding the config a layer or method was built with
+
+
+def assert_same(mine: Any, value: Any, what: str, pairs: dict[int, Any]) -> None:
+    if mine is value:
+        return
+    if id(value) in pairs:
+        assert mine is pairs[id(value)], what
+    elif isinstance(value, torch.Tensor):
+        assert (mine.dtype, mine.shape, mine.stride()) == (value.dtype, value.shape, value.stride()), what
+        assert torch.equal(bits(mine), bits(value)), what
+    elif dataclasses.is_dataclass(value) or type(value).__eq__ is object.__eq__:
+        assert type(mine) is type(value), what
+        pairs[id(value)] = mine
+        fields = [f.name for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else list(vars(value))
+        for name in fields:
+            assert_same(getattr(mine, name), getattr(value, name), f"{what}.{name}", pairs)
+    else:
+        assert mine == value, what
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)

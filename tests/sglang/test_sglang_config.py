@@ -8,7 +8,9 @@ naming the layer; on a CPU, lazyxform's portable linear and fused-MoE schemes.""
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +20,7 @@ import sglang
 import torch
 from algos import ALIASES, FIXTURE_TABLE, SERVED, SGLANG_MOE_SCHEME, SGLANG_SCHEME
 from reference import FIXTURES, load_tensors, quantized_modules
+from safetensors.torch import save_file
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.layers.linear import LinearBase
 from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
@@ -25,18 +28,19 @@ from sglang.srt.layers.quantization.compressed_tensors import compressed_tensors
 from sglang.srt.layers.quantization.compressed_tensors.schemes import (
     compressed_tensors_w4a4_nvfp4_moe as w4a4_nvfp4_moe,
 )
+from sglang.srt.layers.quantization.modelopt_quant import ModelOptFp4Config
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead
 from sglang.srt.models.gemma3_causal import Gemma3ForCausalLM
 from sglang.srt.models.llama import LlamaForCausalLM, Phi3ForCausalLM
 from sglang.srt.models.qwen3_moe import Qwen3MoeForCausalLM
 from sglang.srt.plugins import load_plugins
 from sglang.srt.plugins.hook_registry import HookRegistry
-from sglang_support import ROUTE_ENV
+from sglang_support import ROUTE_ENV, answer_gpu, plugin_stream
+from sglang_support import lazyxform_config as served_config
 
 import lazyxform
 from lazyxform.routing import serves
 from lazyxform_sglang import compat, quant_config
-from lazyxform_sglang import config as sglang_config
 from lazyxform_sglang.config import MARK
 from lazyxform_sglang.routing import native_algos
 from lazyxform_sglang.schemes import (
@@ -61,9 +65,9 @@ LAYERS = {
 }
 EXPERTS = {"qwen3_moe": "model.layers.0.mlp.experts", "deepseek_v3": "model.layers.1.mlp.experts"}
 SM = {"SM 9.0": (9, 0), "SM 10.0": (10, 0)}
-# What SGLANG_SCHEME and SGLANG_MOE_SCHEME name for ModelOpt's FP8 recipe: SGLang's own ModelOpt
-# methods, which lazyxform hands a GPU instead of the compressed-tensors FP8 schemes.
-MODELOPT_METHODS = ("ModelOptFp8LinearMethod", "ModelOptFp8MoEMethod")
+# What SGLANG_SCHEME and SGLANG_MOE_SCHEME name for ModelOpt's FP8 and NVFP4 recipes: SGLang's own
+# ModelOpt methods, which lazyxform hands a GPU instead of the compressed-tensors schemes.
+MODELOPT_METHODS = ("ModelOptFp8LinearMethod", "ModelOptFp8MoEMethod", "ModelOptFp4LinearMethod")
 # The packed_modules_mapping SGLang's loader passes to the quantization config: the model class's
 # (llama.py declares none), DeepseekV2ForCausalLM's set in __init__ for a q_lora_rank model.
 PACKED_MODULES_MAPPING = {
@@ -165,10 +169,8 @@ def test_version_guard(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def lazyxform_config(path: Path) -> quant_config.LazyxformConfig:
     """What SGLang's get_quant_config builds for a served checkpoint, through the hook."""
-    ck = lazyxform.open(path, device="cpu", experts_input_scale=sglang_config.experts_input_scale())
-    packed = PACKED_MODULES_MAPPING[ck.hf_config["model_type"]]
-    config = {**ck.quantization_config, MARK: {"checkpoint": str(path)}, "packed_modules_mapping": packed}
-    return quant_config.LazyxformConfig.from_config(config)
+    model_type = json.loads((path / "config.json").read_text())["model_type"]
+    return served_config(path, PACKED_MODULES_MAPPING[model_type])
 
 
 def stand_in(cls: type) -> torch.nn.Module:
@@ -197,8 +199,7 @@ def checked_layers(name: str) -> list[tuple[str, type, list[str]]]:
 @pytest.mark.parametrize("sm", SM)
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_every_layer_gets_sglangs_gpu_scheme(name: str, sm: str, monkeypatch) -> None:
-    monkeypatch.setattr(quant_config, "is_cpu", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: SM[sm])
+    answer_gpu(monkeypatch, SM[sm])
     path = FIXTURES / name
     config = lazyxform_config(path)
     quantized = set(quantized_modules(load_tensors(path)))
@@ -271,9 +272,7 @@ def test_input_quantizers_kept_on_a_cpu() -> None:
 
 def on_a_gpu(monkeypatch: pytest.MonkeyPatch, sm: str) -> None:
     """LazyxformConfig's and SGLang's scheme selection for experts answered as on the GPU `sm`."""
-    monkeypatch.setattr(quant_config, "is_cpu", lambda: False)
-    monkeypatch.setattr(sglang_config, "is_cpu", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: SM[sm])
+    answer_gpu(monkeypatch, SM[sm])
     # The W4A4 NVFP4 experts' constructor asks SGLang's platform whether it is a Blackwell (SM 10.x), and
     # the INT4 experts' choice whether it is an SM 10.0 (Triton there, Marlin elsewhere).
     monkeypatch.setattr(w4a4_nvfp4_moe, "get_platform", lambda: SimpleNamespace(is_blackwell=SM[sm] >= (10, 0)))
@@ -314,16 +313,26 @@ def test_moe_experts_on_a_gpu(name: str, sm: str, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("sm", SM)
-def test_fp8_with_a_runtime_pre_quant_scale_keeps_the_compressed_tensors_scheme(sm: str, monkeypatch) -> None:
-    """SGLang's ModelOpt FP8 methods have no place for a run-time pre_quant_scale: FP8 layers get them
-    on a GPU only where no member keeps one (no FP8 fixture does; added here). o_proj then keeps
-    SGLang's compressed-tensors scheme inside PreQuantScaleScheme, and experts whose gate/up keep one
-    get SGLang's compressed-tensors FP8 fused-MoE scheme with the scale mixed in; qkv_proj, whose
-    members keep none, still gets the ModelOpt method."""
-    on_a_gpu(monkeypatch, sm)
-    config = lazyxform_config(FIXTURES / "qwen3moe_fp8")
+def test_fp8_with_a_runtime_pre_quant_scale_keeps_the_compressed_tensors_scheme(sm: str, tmp_path: Path, monkeypatch) -> None:
+    """SGLang's ModelOpt FP8 methods have no place for a run-time pre_quant_scale: FP8 modules get them
+    on a GPU (and stream as exported) only where they carry none. No FP8 fixture does, so a copy of
+    qwen3moe_fp8 gets one for o_proj and, one vector for the whole layer, for the experts' gate and up;
+    FP8 per-tensor scales cannot absorb them, so lazyxform keeps both for run time. o_proj then keeps
+    SGLang's compressed-tensors scheme inside PreQuantScaleScheme and its stream keeps the
+    compressed-tensors layout, the experts get SGLang's compressed-tensors FP8 fused-MoE scheme with
+    the scale mixed in, and qkv_proj, whose members carry none, still gets the ModelOpt method."""
+    answer_gpu(monkeypatch, SM[sm])
+    path = tmp_path / "qwen3moe_fp8_pqs"
+    shutil.copytree(FIXTURES / "qwen3moe_fp8", path)
+    tensors = load_tensors(path)
     o_proj, experts = "model.layers.0.self_attn.o_proj", EXPERTS["qwen3_moe"]
-    config.runtime_pre_quant_scale |= {o_proj, *(f"{experts}.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj"))}
+    tensors[f"{o_proj}.pre_quant_scale"] = torch.linspace(0.5, 2, 256, dtype=torch.bfloat16)
+    for e, proj in itertools.product(range(4), ("gate_proj", "up_proj")):
+        tensors[f"{experts}.{e}.{proj}.pre_quant_scale"] = torch.linspace(2, 0.5, 256, dtype=torch.bfloat16)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = lazyxform_config(path)
+    assert set(config.runtime_pre_quant_scale) == {o_proj, *(f"{experts}.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj"))}
+    assert "model.layers.0.self_attn.q_proj" in config.as_exported and o_proj not in config.as_exported
     layer = stand_in(LinearBase)
     assert type(config.get_quant_method(layer, o_proj)).__name__ == "CompressedTensorsLinearMethod"
     assert isinstance(layer.scheme, PreQuantScaleScheme) and type(layer.scheme.inner).__name__ == "CompressedTensorsW8A8Fp8"
@@ -331,6 +340,9 @@ def test_fp8_with_a_runtime_pre_quant_scale_keeps_the_compressed_tensors_scheme(
     layer = stand_in(FusedMoE)
     assert type(config.get_quant_method(layer, experts)).__name__ == "CompressedTensorsFusedMoEMethod"
     assert isinstance(layer.scheme, PreQuantScaleMoEScheme) and type(layer.scheme).__name__ == "CompressedTensorsW8A8Fp8MoE"
+    streamed = dict(plugin_stream(path, tensors))
+    assert streamed[f"{o_proj}.input_scale"].shape == (1,)  # compressed-tensors' layout
+    assert streamed["model.layers.0.self_attn.q_proj.input_scale"].shape == ()  # as exported
 
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -338,7 +350,8 @@ def test_experts_whose_down_proj_keeps_a_scale_are_refused_by_name(gpu: bool, mo
     """A run-time pre_quant_scale on the experts' down_proj (whose input lives inside the fused-MoE
     kernel; lazyxform folds it where the format allows) has no parameter in SGLang's expert mapping,
     which would skip it silently: refused, on a CPU and on a GPU."""
-    monkeypatch.setattr(quant_config, "is_cpu", lambda: not gpu)
+    if gpu:
+        answer_gpu(monkeypatch)
     prefix = EXPERTS["qwen3_moe"]
     config = lazyxform_config(FIXTURES / "qwen3moe_int4_awq")
     config.runtime_pre_quant_scale |= {f"{prefix}.0.down_proj"}
@@ -366,3 +379,21 @@ def test_experts_whose_projections_differ_are_refused_by_name() -> None:
         match=rf"^{prefix}: SGLang 0\.5\.23 cannot run experts whose projections differ in scheme \(gate_proj: float-quantized: W float8 tensor, .*down_proj: float-quantized: W float8 channel",
     ):
         quant_config.LazyxformConfig.from_config(config).get_quant_method(stand_in(FusedMoE), prefix)
+
+
+@pytest.mark.parametrize(("fixture", "sm", "warned"), [("nvfp4_awq_lite", "SM 9.0", True), ("nvfp4_awq_lite", "SM 10.0", False), ("nvfp4", "SM 9.0", False)])
+def test_nvfp4_awq_left_to_sglang_below_sm100_is_warned_about(fixture: str, sm: str, warned: bool, monkeypatch, caplog) -> None:
+    """An NVFP4_AWQ checkpoint that route `auto` leaves to SGLang gets SGLang's ModelOptFp4Config (here
+    built from the fixture's hf_quant_config.json as SGLang builds it); below SM 10.0 its FP4 Marlin
+    path does not apply the pre_quant_scale, which the plugin's config hook says, naming the way out."""
+    answer_gpu(monkeypatch, SM[sm])
+    native = ModelOptFp4Config.from_config({**json.loads((FIXTURES / fixture / "hf_quant_config.json").read_text()), "packed_modules_mapping": {}})
+    assert native.is_awq == (fixture == "nvfp4_awq_lite")
+    with caplog.at_level("WARNING", logger=quant_config.logger.name):
+        assert quant_config.get_quant_config(lambda model_config: native, SimpleNamespace(model_path=fixture)) is native
+    messages = [r.getMessage() for r in caplog.records if r.name == quant_config.logger.name]
+    if warned:
+        assert len(messages) == 1 and f"serves {fixture} (ModelOpt NVFP4_AWQ) itself; on this GPU (SM 9.0)" in messages[0]
+        assert "does not apply the checkpoint's pre_quant_scale" in messages[0] and "LAZYXFORM_SGLANG_ROUTE=all" in messages[0]
+    else:
+        assert messages == []

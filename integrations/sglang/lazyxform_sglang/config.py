@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import sglang
+import torch
 from sglang.srt.utils import is_cpu
 
 import lazyxform
-from lazyxform.fallback import ExpertsInputScale
+from lazyxform.fallback import EXPERT, ExpertsInputScale
+from lazyxform.prequant import PQS
 from lazyxform.routing import route, served_algos
 
 from .routing import ROUTE_ENV, native_algos
@@ -55,8 +58,41 @@ def parse_quant_hf_config(original: Callable[[Any], dict | None], model_config: 
 def presented_config(directory: Path) -> dict[str, Any]:
     """lazyxform's compressed-tensors quantization config of the checkpoint, marked. Configs and
     safetensors headers only: no tensor is read."""
-    ck = lazyxform.open(directory, device="cpu", experts_input_scale=experts_input_scale())
+    ck = open_checkpoint(directory, "cpu")
     return {**copy.deepcopy(ck.quantization_config), MARK: {"checkpoint": str(directory.resolve())}}
+
+
+def open_checkpoint(directory: str | Path, device: str | torch.device | None = None) -> lazyxform.Checkpoint:
+    """The checkpoint as this SGLang process serves it: planned alike wherever it is opened (the
+    quantization config, the weight stream), with the experts' input scales and the modules handed to
+    SGLang's ModelOpt methods as this process runs them."""
+    if is_cpu():
+        return lazyxform.open(directory, device, experts_input_scale=experts_input_scale())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lazyxform.LazyxformWarning)  # the second open gives them
+        planned = lazyxform.open(directory, "cpu", experts_input_scale=experts_input_scale())
+    return lazyxform.open(directory, device, experts_input_scale=experts_input_scale(), as_exported=modelopt_method_modules(planned))
+
+
+# On a GPU, the ModelOpt recipes whose layers SGLang's own ModelOpt methods run (quant_config.py,
+# LazyxformConfig.modelopt_method says why): algo -> whether its routed experts go too.
+MODELOPT_METHOD_ALGOS = {"FP8": True, "NVFP4": False}
+NVFP4_GROUP = 16  # the only block size SGLang's FP4 kernels take (and ModelOpt's NVFP4 default)
+
+
+def modelopt_method_modules(ck: lazyxform.Checkpoint) -> frozenset[str]:
+    """The checkpoint's modules that get SGLang's ModelOpt methods on a GPU, and so stream as exported:
+    those of FP8 (experts too) and NVFP4 in 16-column blocks (not experts), without a pre_quant_scale
+    (SGLang's ModelOpt FP4 method drops it where it runs FP4 Marlin, on GPUs below SM 10.0)."""
+    chosen = set()
+    for m in ck.plan.modules:
+        experts_too = MODELOPT_METHOD_ALGOS.get(m.algo)
+        if experts_too is None or PQS in m.inputs or (EXPERT.match(m.name) and not experts_too):
+            continue
+        if m.algo == "NVFP4" and (ck.modelopt_config.algo_for(m.name).group_size or NVFP4_GROUP) != NVFP4_GROUP:
+            continue
+        chosen.add(m.name)
+    return frozenset(chosen)
 
 
 def experts_input_scale() -> ExpertsInputScale:

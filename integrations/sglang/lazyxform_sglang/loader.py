@@ -14,9 +14,7 @@ from typing import Any
 
 import torch
 
-import lazyxform
-
-from .config import MARK, experts_input_scale
+from .config import MARK, open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +32,6 @@ def get_weights_iterator(original: Callable[..., Weights], loader: Any, source: 
     if source.prefix or source.model_or_path != model_config.model_path:
         return weights
     # On the GPU when there is one; planned as the quantization config was.
-    ck = lazyxform.open(quant[MARK]["checkpoint"], experts_input_scale=experts_input_scale())
+    ck = open_checkpoint(quant[MARK]["checkpoint"])
     logger.info("lazyxform: rewriting the weight stream of %s on %s", quant[MARK]["checkpoint"], ck.device)
     return ck.wrap(weights)

@@ -10,7 +10,7 @@ from typing import Any
 
 import sglang
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+from compressed_tensors.quantization import QuantizationArgs
 from sglang.srt.layers.linear import LinearBase
 from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 from sglang.srt.layers.quantization.base_config import QuantizeMethodBase
@@ -19,13 +19,11 @@ from sglang.srt.layers.quantization.compressed_tensors.compressed_tensors import
     CompressedTensorsFusedMoEMethod,
     CompressedTensorsLinearMethod,
 )
-from sglang.srt.layers.quantization.compressed_tensors.schemes import (
-    CompressedTensorsW8A8Fp8,
-    CompressedTensorsW8A8Fp8MoE,
-    CompressedTensorsW8A8Int8,
-)
+from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsW8A8Int8
 from sglang.srt.layers.quantization.compressed_tensors.utils import check_equal_or_regex_match
 from sglang.srt.layers.quantization.modelopt_quant import (
+    ModelOptFp4Config,
+    ModelOptFp4LinearMethod,
     ModelOptFp8Config,
     ModelOptFp8LinearMethod,
     ModelOptFp8MoEMethod,
@@ -37,7 +35,7 @@ from sglang.srt.utils import is_cpu
 import lazyxform
 from lazyxform.emulate import Scheme
 
-from .config import MARK, experts_input_scale
+from .config import MARK, NVFP4_GROUP, open_checkpoint
 from .schemes import (
     PortableMoEScheme,
     PortableScheme,
@@ -61,17 +59,20 @@ class LazyxformConfig(CompressedTensorsConfig):
     checkpoint_modules: frozenset[str]  # names of the checkpoint's quantized modules
     # Checkpoint names of the modules whose input is scaled at run time.
     runtime_pre_quant_scale: frozenset[str]
+    # Modules streamed as exported for SGLang's ModelOpt methods (config.modelopt_method_modules) -> algo.
+    as_exported: dict[str, str]
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LazyxformConfig:
         quant_config = super().from_config(config)  # builds `cls`: the schemes are SGLang's own
         directory = config[MARK]["checkpoint"]
         # Configs and headers only (plus dense experts' [hidden] pre_quant_scale vectors, on the CPU).
-        ck = lazyxform.open(directory, device="cpu", experts_input_scale=experts_input_scale())
+        ck = open_checkpoint(directory, "cpu")
         quant_config.checkpoint_dir = directory
         quant_config.algos = ", ".join(sorted(lazyxform.read_modelopt_algos(directory)))
         quant_config.checkpoint_modules = frozenset(m.name for m in ck.plan.modules)
         quant_config.runtime_pre_quant_scale = frozenset(ck.plan.runtime_pre_quant_scale)
+        quant_config.as_exported = {m.name: m.algo for m in ck.plan.modules if m.name in ck.plan.as_exported}
         logger.info(
             "lazyxform: %s as compressed-tensors (format %s), %d quantized modules, %d with a run-time "
             "pre_quant_scale; `lazyxform inspect %s` prints the plan",
@@ -111,11 +112,10 @@ class LazyxformConfig(CompressedTensorsConfig):
             raise self._refusal(prefix, "experts whose down_proj keeps a pre_quant_scale (its input lives inside the fused-MoE kernel)")
         input_scaled = bool(scaled)  # the experts' gate/up
         if not is_cpu():
+            if self._modelopt_algo([n for n in self.checkpoint_modules if n.startswith(prefix + ".")]) == "FP8":
+                return ModelOptFp8MoEMethod(self.modelopt_fp8)  # why: modelopt_method
             method = super().get_quant_method(layer, prefix)
             if not input_scaled:
-                if isinstance(method, CompressedTensorsFusedMoEMethod) and modelopt_fp8_experts(layer.scheme):
-                    drop_scheme(layer)  # SGLang's expert weight loader dispatches on layer.scheme first
-                    return ModelOptFp8MoEMethod(self.modelopt_fp8)  # why: modelopt_fp8
                 return method
             # Experts lazyxform did not stream dense: one scale per layer (or a format it cannot
             # dequantize, whose differing scales stop loading in PreQuantScaleMoEScheme).
@@ -142,29 +142,52 @@ class LazyxformConfig(CompressedTensorsConfig):
         target = next((t for t in self.target_scheme_map if check_equal_or_regex_match(layer_name=prefix, targets=[t])), None)
         return None if target is None else Scheme.of(self.get_scheme_dict(layer, prefix, matched_target=target))
 
+    def _modelopt_algo(self, members: list[str]) -> str | None:
+        """The ModelOpt algo of modules that all stream as exported for SGLang's ModelOpt methods."""
+        algos = {self.as_exported.get(m) for m in members}
+        return algos.pop() if len(algos) == 1 and None not in algos else None
+
     @functools.cached_property
     def modelopt_fp8(self) -> ModelOptFp8Config:
-        """SGLang's own ModelOpt FP8 config, for the layers of ModelOpt's FP8 recipe on a GPU: there
-        lazyxform hands SGLang's ModelOpt FP8 methods, not the compressed-tensors FP8 schemes.
+        """SGLang's own ModelOpt FP8 config, built for the first FP8 layer (its constructor logs SGLang's
+        "Detected ModelOpt FP8 checkpoint" warning); see modelopt_method."""
+        return ModelOptFp8Config(is_checkpoint_fp8_serialized=True)
+
+    @functools.cached_property
+    def modelopt_fp4(self) -> ModelOptFp4Config:
+        """SGLang's own ModelOpt NVFP4 config (16-column blocks), built for the first NVFP4 layer; see
+        modelopt_method."""
+        return ModelOptFp4Config(is_checkpoint_nvfp4_serialized=True, group_size=NVFP4_GROUP)
+
+    def modelopt_method(self, algo: str) -> QuantizeMethodBase:
+        """SGLang's own ModelOpt method for a linear layer of ModelOpt's FP8 or NVFP4 recipe on a GPU,
+        in place of the compressed-tensors scheme; FP8 experts likewise get ModelOptFp8MoEMethod.
 
         Why: SGLang's native ModelOpt path is the checkpoint's own function as SGLang computes it
-        (LAZYXFORM_SGLANG_ROUTE=auto leaves FP8 checkpoints to it), and route `all` must give its
-        logprobs bit for bit. The compressed-tensors scheme computes the same function (the members
-        of a fused layer requantized to their largest weight scale, the input quantized with its
-        static per-tensor scale) with another GEMM: apply_fp8_linear(..., compressed_tensor_quant=True)
-        with a per-tensor weight scale (torch._scaled_mm), where the ModelOpt method picks its own
-        (on an H200 with SGLang 0.5.17, the scale broadcast per channel for sgl-kernel's CUTLASS
-        fp8_scaled_mm): 0.055 nats apart there. Its experts likewise run another fused-MoE method.
+        (LAZYXFORM_SGLANG_ROUTE=auto leaves such checkpoints to it), and route `all` must give its
+        logprobs bit for bit. The compressed-tensors schemes compute the same function with other
+        kernels, or not at all: for FP8, apply_fp8_linear(..., compressed_tensor_quant=True) with a
+        per-tensor weight scale (torch._scaled_mm), where the ModelOpt method picks its own (on an H200
+        with SGLang 0.5.17, the scale broadcast per channel for sgl-kernel's CUTLASS fp8_scaled_mm):
+        0.055 nats apart there; its experts run another fused-MoE method. For NVFP4, SGLang's
+        compressed-tensors W4A4 scheme needs SM 10.0 and it has no W4A16 one, while its ModelOpt method
+        runs FP4 Marlin below SM 10.0.
 
-        lazyxform's FP8 stream keeps ModelOpt's tensor names and layouts (weight fp8 [N, K];
-        weight_scale and input_scale, one element per module; experts mapped by SGLang's
-        expert_params_mapping to w13_/w2_ weight, weight_scale and input_scale), so these methods load
-        it as they load a native checkpoint. Built once, for the first such layer (its constructor
-        logs SGLang's "Detected ModelOpt FP8 checkpoint" warning)."""
-        return ModelOptFp8Config(is_checkpoint_fp8_serialized=True)
+        These modules stream as ModelOpt exported them (config.modelopt_method_modules; names, shapes
+        and bytes: weight, weight_scale, weight_scale_2, input_scale, the per-tensor scales 0-d), so the
+        methods load them exactly as they load the native checkpoint: NVFP4's per-tensor scales are not
+        turned into compressed-tensors' reciprocal global scales, which would not always invert back to
+        the same float32. Modules with a pre_quant_scale are not among them: where SGLang's ModelOpt FP4
+        method runs FP4 Marlin (below SM 10.0) it drops the scale (0.5.17, 0.5.23)."""
+        if algo == "FP8":
+            return ModelOptFp8LinearMethod(self.modelopt_fp8)
+        return ModelOptFp4LinearMethod(self.modelopt_fp4)
 
     def _linear_method(self, layer: LinearBase | ParallelLMHead, prefix: str) -> QuantizeMethodBase | None:
         members = self._checkpoint_modules(prefix)
+        algo = self._modelopt_algo(members)
+        if algo is not None:
+            return self.modelopt_method(algo)
         scaled = [m for m in members if m in self.runtime_pre_quant_scale]
         scheme = self._linear_scheme(layer, prefix)
         if scheme is None:  # unquantized, or dequantized by lazyxform (listed in `ignore`)
@@ -181,9 +204,6 @@ class LazyxformConfig(CompressedTensorsConfig):
             inner = getattr(layer, "scheme", None)
             if isinstance(inner, CompressedTensorsW8A8Int8) and inner.is_static_input_scheme:
                 layer.scheme = StaticInt8InputScheme(inner)  # loads and applies its static input scale
-            elif not scaled and modelopt_fp8_linear(inner):
-                drop_scheme(layer)
-                method = ModelOptFp8LinearMethod(self.modelopt_fp8)  # why: modelopt_fp8
         if not scaled:
             return method
         if len(scaled) != len(members) or not isinstance(method, CompressedTensorsLinearMethod):
@@ -210,39 +230,34 @@ class LazyxformConfig(CompressedTensorsConfig):
         return [f"{parent}{dot}{m}" for m in members] if members else [prefix]
 
 
-def modelopt_fp8_linear(scheme: object) -> bool:
-    """SGLang's compressed-tensors linear scheme for ModelOpt's FP8 recipe: FP8 weights with one
-    scale per tensor, the input quantized with a static per-tensor scale (SGLang's scheme is static
-    only for a symmetric per-tensor input, _is_fp8_w8a8)."""
-    return (
-        isinstance(scheme, CompressedTensorsW8A8Fp8)
-        and scheme.strategy == QuantizationStrategy.TENSOR
-        and bool(scheme.is_static_input_scheme)
-    )
-
-
-def modelopt_fp8_experts(scheme: object) -> bool:
-    """SGLang's compressed-tensors fused-MoE scheme for ModelOpt's FP8 experts: weights and inputs
-    per tensor, inputs static."""
-    return (
-        isinstance(scheme, CompressedTensorsW8A8Fp8MoE)
-        and scheme.weight_quant.strategy == QuantizationStrategy.TENSOR
-        and scheme.input_quant.strategy == QuantizationStrategy.TENSOR
-        and scheme.static_input_scales
-    )
-
-
-def drop_scheme(layer: torch.nn.Module) -> None:
-    """Removes the compressed-tensors scheme super().get_quant_method set on a layer that gets another
-    method: SGLang reads layer.scheme before the method (FusedMoE's weight loader; 0.5.17 asks
-    hasattr(layer, "scheme"), 0.5.23 has a class default of None that this uncovers)."""
-    layer.__dict__.pop("scheme", None)
-
-
 def get_quant_config(original: Callable[..., Any], model_config: Any, *args: Any, **kwargs: Any) -> Any:
     """AROUND hook of weight_utils.get_quant_config: SGLang builds its compressed-tensors config from the
-    presented one as usual; for a checkpoint lazyxform serves it becomes a LazyxformConfig."""
+    presented one as usual; for a checkpoint lazyxform serves it becomes a LazyxformConfig. A
+    checkpoint left to SGLang's ModelOpt support is only looked at (warn_awq_scale_dropped)."""
     quant_config = original(model_config, *args, **kwargs)
     if type(quant_config) is CompressedTensorsConfig and MARK in (quant_config.config or {}):
         return LazyxformConfig.from_config(quant_config.config)
+    warn_awq_scale_dropped(quant_config, getattr(model_config, "model_path", "the checkpoint"))
     return quant_config
+
+
+def warn_awq_scale_dropped(quant_config: Any, checkpoint: str) -> None:
+    """SGLang's ModelOpt FP4 method runs FP4 Marlin on GPUs below SM 10.0 (its other FP4 GEMMs need
+    SM 10.0), and there its `apply` returns before the `x * pre_quant_scale` it applies otherwise
+    (0.5.17 and 0.5.23, read in the sources): an NVFP4_AWQ checkpoint it serves itself runs without
+    its AWQ scales. LAZYXFORM_SGLANG_ROUTE=auto leaves NVFP4_AWQ to it, so this says so."""
+    if not isinstance(quant_config, ModelOptFp4Config) or not getattr(quant_config, "is_awq", False) or is_cpu():
+        return
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) >= (10, 0):
+        return
+    logger.warning(
+        "lazyxform: SGLang %s serves %s (ModelOpt NVFP4_AWQ) itself; on this GPU (SM %d.%d) its ModelOpt FP4 method "
+        "runs FP4 Marlin, which does not apply the checkpoint's pre_quant_scale, so the model computed is not the "
+        "checkpoint's. LAZYXFORM_SGLANG_ROUTE=all serves it through lazyxform instead (SGLang 0.5.23: compressed-tensors "
+        "W4A16 FP4 with the scale applied; SGLang 0.5.17 has no such scheme and refuses it by name)",
+        sglang.__version__,
+        checkpoint,
+        major,
+        minor,
+    )
