@@ -87,7 +87,8 @@ def modelopt_method_modules(ck: lazyxform.Checkpoint) -> frozenset[str]:
     chosen = set()
     for m in ck.plan.modules:
         experts_too = MODELOPT_METHOD_ALGOS.get(m.algo)
-        if experts_too is None or PQS in m.inputs or (EXPERT.match(m.name) and not experts_too):
+        dense = m.scheme == "ignore"  # streamed as a plain weight (no target, or experts made dense)
+        if experts_too is None or dense or PQS in m.inputs or (EXPERT.match(m.name) and not experts_too):
             continue
         if m.algo == "NVFP4" and (ck.modelopt_config.algo_for(m.name).group_size or NVFP4_GROUP) != NVFP4_GROUP:
             continue
