@@ -90,8 +90,8 @@ def test_fused_fp8_layers_equal_sglangs_modelopt_path(cutlass: bool, distinct: b
     """Layer 0's qkv_proj and gate_up_proj of the fp8 fixture. `cutlass`: ModelOptFp8LinearMethod's
     cutlass_fp8_supported (read when processing; True on an H200, False here), which broadcasts the
     weight scale per channel; set alike on both sides. `distinct`: the members' input scales made
-    1, 2, 3 times the exported one (lazyxform streams their max to each member, SGLang's native path
-    keeps each and takes their max after loading)."""
+    1, 2, 3 times the exported one (streamed as they are, as SGLang's native path loads them: it takes
+    their max after loading)."""
     path = FIXTURES / "fp8"
     hf = json.loads((path / "config.json").read_text())
     ckpt = load_tensors(path)
