@@ -207,7 +207,7 @@ def compare(out: Path, fixtures: Path) -> list[dict]:
     import lazyxform
 
     # Fixtures this harness serves beyond the CPU engine tests' (those run one per architecture and
-    # recipe that matters there): their bound policy as in tests/vllm/test_vllm_fixtures.py.
+    # recipe that matters there): the reference options and bound of tests/vllm/test_vllm_fixtures.py.
     cases = {**CASES, "phi3_nvfp4": W4A4, "lm_head_nvfp4": W4A4, "phi3_fp8": Case(), "deepseek_v3_fp8": Case(), "lm_head_fp8": Case()}
 
     runs = json.loads((out / "runs.json").read_text())
@@ -224,7 +224,8 @@ def compare(out: Path, fixtures: Path) -> list[dict]:
         case = cases[run["fixture"]]
         options, bound = case.reference, case.bound
         gpu = run.get("capability", RECORDED_BEFORE)
-        if gpu is not None and tuple(gpu) < (10, 0) and lazyxform.read_modelopt_algos(path) <= MARLIN_FP4_ALGOS:
+        algos = lazyxform.read_modelopt_algos(path)
+        if gpu is not None and tuple(gpu) < (10, 0) and algos and algos <= MARLIN_FP4_ALGOS:
             options, bound = {**case.reference, "quantize_activations": False}, WEIGHT_ONLY_BOUND
         run.update(deviation(path, ids, got["logprobs"], options, bound))
         twin = f"{run['fixture']}-all"

@@ -87,7 +87,7 @@ def plan_and_config(
         recipe = members[0][1]
         fused = [m for m, _ in members]
         converted = _declared(recipe, recipe.fused_rules(fused), fused, recipe.shared, recipe.writes)
-        rules += [] if fused[0].name in exported else converted
+        rules += [_checks_only(r) for r in converted] if fused[0].name in exported else converted
     kv_rules = kv_scale_rules(tensors)
     if kv_rules and cfg.kv_cache_algo is None:
         raise ConfigError(f"{cfg.source}: tensors such as {kv_rules[0].inputs[0]} are KV-cache scales but the config has no kv_cache_quant_algo")
@@ -168,7 +168,7 @@ def _checked_as_exported(
 
 def _as_exported_rule(m: Module, recipe: Recipe) -> Rule:
     """Every tensor the recipe reads, under its checkpoint name and unchanged; float scales checked
-    (finite, > 0) as a conversion would check them."""
+    (finite, > 0) as a conversion checks them. What fused siblings share is checked by _checks_only."""
     names = tuple(m.source(s) for s in recipe.reads)
     scales = [m.source(s) for s in recipe.reads if s != "weight" and m.info(s).dtype.is_floating_point]
 
@@ -178,6 +178,18 @@ def _as_exported_rule(m: Module, recipe: Recipe) -> Rule:
         return {n: t[n] for n in names}
 
     return Rule("as exported, for the engine's own ModelOpt method (scales checked)", names, names, fn)
+
+
+def _checks_only(rule: Rule) -> Rule:
+    """A conversion rule over the scales fused siblings share, run for its checks alone (equal where the
+    format needs them equal, or the warning where they differ), its outputs dropped: the tensors it
+    reads stream as exported."""
+
+    def fn(t: Tensors) -> dict[str, torch.Tensor]:
+        rule.fn(t)
+        return {}
+
+    return Rule(f"checked only, streamed as exported: {rule.label}", rule.inputs, (), fn)
 
 
 def _quantized_modules(cfg: ModelOptConfig, tensors: dict[str, TensorInfo], dtype: torch.dtype) -> Quantized:

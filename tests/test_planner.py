@@ -222,3 +222,14 @@ def test_as_exported_scales_are_still_checked(tmp_path):
 def test_what_cannot_stream_as_exported_is_named(fixture, modules, error):
     with pytest.raises(lazyxform.ConfigError, match=error):
         lazyxform.open(FIXTURES / fixture, device="cpu", as_exported=modules)
+
+
+def test_as_exported_fused_siblings_are_still_checked_as_a_conversion_checks_them(tmp_path):
+    """The engine's method takes one weight_scale_2 for a fused GEMM (SGLang: their max, without
+    requantizing the weights), so siblings whose scales differ would load as a wrong layer: refused as
+    the conversion refuses them."""
+    ckpt = copy_fixture("nvfp4", tmp_path)
+    name = "model.layers.0.self_attn.v_proj.weight_scale_2"
+    rewrite_tensors(ckpt, lambda t: t.update({name: t[name] * 2}))
+    with pytest.raises(lazyxform.InconsistentScalesError, match=r"weight_scale_2 of siblings fused into one GEMM: .*q_proj\.weight_scale_2 and .*v_proj\.weight_scale_2 differ"):
+        list(lazyxform.open(ckpt, device="cpu", as_exported=ATTENTION))

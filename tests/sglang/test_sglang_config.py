@@ -215,7 +215,7 @@ def test_every_layer_gets_sglangs_gpu_scheme(name: str, sm: str, monkeypatch) ->
             with pytest.raises(quant_config.UnsupportedSglangSchemeError, match=rf"^{prefix}: SGLang 0\.5\.23 cannot run linear layers of "):
                 config.get_quant_method(layer, prefix)
             continue
-        if expected in MODELOPT_METHODS:  # SGLang's ModelOpt method, without the scheme SGLang's config set
+        if expected in MODELOPT_METHODS:  # SGLang's ModelOpt method; no compressed-tensors scheme asked for
             assert type(config.get_quant_method(layer, prefix)).__name__ == expected, prefix
             assert "scheme" not in vars(layer) and layer.scheme is None, prefix
             continue
@@ -303,7 +303,7 @@ def test_moe_experts_on_a_gpu(name: str, sm: str, monkeypatch) -> None:
     expected = SGLANG_MOE_SCHEME[FIXTURE_TABLE[name].algo][list(SM).index(sm)]
     layer = stand_in(FusedMoE)
     method = config.get_quant_method(layer, prefix)
-    if expected in MODELOPT_METHODS:  # SGLang's ModelOpt method, without the scheme SGLang's config set
+    if expected in MODELOPT_METHODS:  # SGLang's ModelOpt method; no compressed-tensors scheme asked for
         assert type(method).__name__ == expected
         assert "scheme" not in vars(layer) and layer.scheme is None
         assert type(config.get_moe_scheme(stand_in(FusedMoE), prefix)).__name__ == "CompressedTensorsW8A8Fp8MoE"  # what it replaces
@@ -332,7 +332,9 @@ def test_fp8_with_a_runtime_pre_quant_scale_keeps_the_compressed_tensors_scheme(
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     config = lazyxform_config(path)
     assert set(config.runtime_pre_quant_scale) == {o_proj, *(f"{experts}.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj"))}
+    # Whole SGLang layers: the experts' down_proj, without a scale of its own, stays with its layer.
     assert "model.layers.0.self_attn.q_proj" in config.as_exported and o_proj not in config.as_exported
+    assert not any(m.startswith(f"{experts}.") for m in config.as_exported)
     layer = stand_in(LinearBase)
     assert type(config.get_quant_method(layer, o_proj)).__name__ == "CompressedTensorsLinearMethod"
     assert isinstance(layer.scheme, PreQuantScaleScheme) and type(layer.scheme.inner).__name__ == "CompressedTensorsW8A8Fp8"
@@ -342,6 +344,7 @@ def test_fp8_with_a_runtime_pre_quant_scale_keeps_the_compressed_tensors_scheme(
     assert isinstance(layer.scheme, PreQuantScaleMoEScheme) and type(layer.scheme).__name__ == "CompressedTensorsW8A8Fp8MoE"
     streamed = dict(plugin_stream(path, tensors))
     assert streamed[f"{o_proj}.input_scale"].shape == (1,)  # compressed-tensors' layout
+    assert streamed[f"{experts}.0.down_proj.input_scale"].shape == (1,)
     assert streamed["model.layers.0.self_attn.q_proj.input_scale"].shape == ()  # as exported
 
 
@@ -397,3 +400,30 @@ def test_nvfp4_awq_left_to_sglang_below_sm100_is_warned_about(fixture: str, sm: 
         assert "does not apply the checkpoint's pre_quant_scale" in messages[0] and "LAZYXFORM_SGLANG_ROUTE=all" in messages[0]
     else:
         assert messages == []
+
+
+def test_nvfp4_in_other_blocks_than_16_keeps_the_compressed_tensors_path(tmp_path: Path, monkeypatch) -> None:
+    """SGLang's FP4 kernels take 16-column blocks only: an NVFP4 export in 32-column blocks (a copy of
+    nvfp4 with every other block scale and group_size 32) is not handed to SGLang's ModelOpt method;
+    lazyxform converts it (each block scale repeated for two 16-column blocks) as for any engine."""
+    answer_gpu(monkeypatch, SM["SM 10.0"])
+    path = tmp_path / "nvfp4_g32"
+    shutil.copytree(FIXTURES / "nvfp4", path)
+    tensors = load_tensors(path)
+    for name in [n for n in tensors if n.endswith(".weight_scale") and tensors[n].dim() == 2]:
+        tensors[name] = tensors[name][:, ::2].contiguous()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    for file, edit in (("hf_quant_config.json", lambda c: c["quantization"]), ("config.json", lambda c: c["quantization_config"])):
+        config = json.loads((path / file).read_text())
+        edit(config)["group_size"] = 32
+        for group in edit(config).get("config_groups", {}).values():
+            group["weights"]["group_size"] = 32
+            if group.get("input_activations"):
+                group["input_activations"]["group_size"] = 32
+        (path / file).write_text(json.dumps(config))
+    assert lazyxform_config(FIXTURES / "nvfp4").as_exported  # 16-column blocks: handed over
+    config = lazyxform_config(path)
+    assert config.as_exported == {}
+    layer = stand_in(LinearBase)
+    assert type(config.get_quant_method(layer, "model.layers.0.self_attn.qkv_proj")).__name__ == "CompressedTensorsLinearMethod"
+    assert type(layer.scheme).__name__ == "CompressedTensorsW4A4Fp4"

@@ -56,6 +56,8 @@ from sglang_support import (
     plugin_stream,
 )
 
+import lazyxform
+
 pytestmark = pytest.mark.usefixtures("one_rank_group", "gpu_branch")
 
 FP8_MAX = 448.0
@@ -102,7 +104,7 @@ def test_fused_fp8_layers_equal_sglangs_modelopt_path(cutlass: bool, distinct: b
     lazy, native = fused_layers(hf, lazyxform_config(path)), fused_layers(hf, native_config(path, ModelOptFp8Config))
     for fused, layer in lazy.items():
         assert type(layer.quant_method) is ModelOptFp8LinearMethod, fused
-        assert "scheme" not in vars(layer), fused  # SGLang's compressed-tensors scheme, dropped
+        assert "scheme" not in vars(layer), fused  # no compressed-tensors scheme was asked for
         assert type(native[fused].quant_method) is ModelOptFp8LinearMethod, fused
     load(lazy, fused_members(plugin_stream(path, ckpt)))
     load(native, fused_members(ckpt.items()))
@@ -146,17 +148,17 @@ def fp4_marlin(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
     return repacked
 
 
-@pytest.mark.parametrize("distinct", [False, True], ids=["as exported", "input scales distinct per member"])
-def test_fused_nvfp4_layers_equal_sglangs_modelopt_path(fp4_marlin: list[torch.nn.Module], distinct: bool) -> None:
+def test_fused_nvfp4_layers_equal_sglangs_modelopt_path(fp4_marlin: list[torch.nn.Module]) -> None:
     """Layer 0's qkv_proj and gate_up_proj of the nvfp4 fixture, streamed as exported: the same FP4
     bytes, block scales and per-tensor scales (0-d, and weight_scale_2 not inverted into
     compressed-tensors' global scale, whose reciprocal would not always give back the same float32).
-    `distinct` as for FP8."""
+    Members whose input scales differ are refused as the conversion refuses them (SGLang would take
+    their max for the fused GEMM's FP4 activations; ModelOpt exports them equal)."""
     path = FIXTURES / "nvfp4"
     hf = json.loads((path / "config.json").read_text())
     ckpt = load_tensors(path)
-    if distinct:
-        ckpt = distinct_input_scales(ckpt)
+    with pytest.raises(lazyxform.InconsistentScalesError, match=r"input_scale of siblings fused into one GEMM"):
+        plugin_stream(path, distinct_input_scales(ckpt))
     streamed = dict(fused_members(plugin_stream(path, ckpt)))
     assert streamed.keys() == fused_members(ckpt.items()).keys()  # ModelOpt's names, no compressed-tensors ones
     lazy, native = fused_layers(hf, lazyxform_config(path)), fused_layers(hf, native_config(path, ModelOptFp4Config))

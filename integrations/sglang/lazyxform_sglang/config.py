@@ -24,8 +24,10 @@ from sglang.srt.utils import is_cpu
 
 import lazyxform
 from lazyxform.fallback import EXPERT, ExpertsInputScale
+from lazyxform.plan import ModulePlan
 from lazyxform.prequant import PQS
 from lazyxform.routing import route, served_algos
+from lazyxform.topology import topology_of
 
 from .routing import ROUTE_ENV, native_algos
 
@@ -83,17 +85,30 @@ NVFP4_GROUP = 16  # the only block size SGLang's FP4 kernels take (and ModelOpt'
 def modelopt_method_modules(ck: lazyxform.Checkpoint) -> frozenset[str]:
     """The checkpoint's modules that get SGLang's ModelOpt methods on a GPU, and so stream as exported:
     those of FP8 (experts too) and NVFP4 in 16-column blocks (not experts), without a pre_quant_scale
-    (SGLang's ModelOpt FP4 method drops it where it runs FP4 Marlin, on GPUs below SM 10.0)."""
-    chosen = set()
+    (SGLang's ModelOpt FP4 method drops it where it runs FP4 Marlin, on GPUs below SM 10.0). Chosen per
+    SGLang layer: a fused set, or a layer's routed experts, all of whose modules qualify, or none of it."""
+    topology = topology_of(ck.hf_config)
+    layers: dict[str, set[str]] = {}  # SGLang layer -> its checkpoint modules
+    qualified = set()
     for m in ck.plan.modules:
-        experts_too = MODELOPT_METHOD_ALGOS.get(m.algo)
-        dense = m.scheme == "ignore"  # streamed as a plain weight (no target, or experts made dense)
-        if experts_too is None or dense or PQS in m.inputs or (EXPERT.match(m.name) and not experts_too):
-            continue
-        if m.algo == "NVFP4" and (ck.modelopt_config.algo_for(m.name).group_size or NVFP4_GROUP) != NVFP4_GROUP:
-            continue
-        chosen.add(m.name)
-    return frozenset(chosen)
+        expert = EXPERT.match(m.name)
+        if expert:
+            layer = expert["experts"]
+        else:
+            parent, dot, leaf = m.name.rpartition(".")
+            layer = f"{parent}{dot}{'+'.join(topology.fused_family(leaf))}"
+        layers.setdefault(layer, set()).add(m.name)
+        if qualifies(ck, m, bool(expert)):
+            qualified.add(m.name)
+    return frozenset(n for members in layers.values() if members <= qualified for n in members)
+
+
+def qualifies(ck: lazyxform.Checkpoint, m: ModulePlan, expert: bool) -> bool:
+    """Whether one module may go to SGLang's ModelOpt method (modelopt_method_modules)."""
+    experts_too = MODELOPT_METHOD_ALGOS.get(m.algo)
+    if experts_too is None or m.scheme == "ignore" or PQS in m.inputs or (expert and not experts_too):
+        return False  # another recipe, a plain weight (no target, or experts made dense), a pre_quant_scale
+    return m.algo != "NVFP4" or (ck.modelopt_config.algo_for(m.name).group_size or NVFP4_GROUP) == NVFP4_GROUP
 
 
 def experts_input_scale() -> ExpertsInputScale:

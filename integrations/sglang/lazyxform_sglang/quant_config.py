@@ -112,7 +112,7 @@ class LazyxformConfig(CompressedTensorsConfig):
             raise self._refusal(prefix, "experts whose down_proj keeps a pre_quant_scale (its input lives inside the fused-MoE kernel)")
         input_scaled = bool(scaled)  # the experts' gate/up
         if not is_cpu():
-            if self._modelopt_algo([n for n in self.checkpoint_modules if n.startswith(prefix + ".")]) == "FP8":
+            if self._modelopt_algo(prefix, [n for n in self.checkpoint_modules if n.startswith(prefix + ".")]) == "FP8":
                 return ModelOptFp8MoEMethod(self.modelopt_fp8)  # why: modelopt_method
             method = super().get_quant_method(layer, prefix)
             if not input_scaled:
@@ -142,10 +142,13 @@ class LazyxformConfig(CompressedTensorsConfig):
         target = next((t for t in self.target_scheme_map if check_equal_or_regex_match(layer_name=prefix, targets=[t])), None)
         return None if target is None else Scheme.of(self.get_scheme_dict(layer, prefix, matched_target=target))
 
-    def _modelopt_algo(self, members: list[str]) -> str | None:
-        """The ModelOpt algo of modules that all stream as exported for SGLang's ModelOpt methods."""
+    def _modelopt_algo(self, prefix: str, members: list[str]) -> str | None:
+        """The ModelOpt algo of a layer's modules when they stream as exported for SGLang's ModelOpt
+        methods (config.modelopt_method_modules chooses whole layers), else None."""
         algos = {self.as_exported.get(m) for m in members}
-        return algos.pop() if len(algos) == 1 and None not in algos else None
+        if len(algos) > 1:
+            raise AssertionError(f"{prefix}: lazyxform streams some of {sorted(members)} as exported, not all; SGLang runs them as one layer")
+        return next(iter(algos), None)
 
     @functools.cached_property
     def modelopt_fp8(self) -> ModelOptFp8Config:
@@ -185,7 +188,7 @@ class LazyxformConfig(CompressedTensorsConfig):
 
     def _linear_method(self, layer: LinearBase | ParallelLMHead, prefix: str) -> QuantizeMethodBase | None:
         members = self._checkpoint_modules(prefix)
-        algo = self._modelopt_algo(members)
+        algo = self._modelopt_algo(prefix, members)
         if algo is not None:
             return self.modelopt_method(algo)
         scaled = [m for m in members if m in self.runtime_pre_quant_scale]
