@@ -342,7 +342,6 @@ def experts_unlike_the_first(scales: torch.Tensor) -> list[int]:
     return [e for e in range(len(scales)) if not torch.equal(scales[e], scales[0])]
 
 
-
 @functools.cache
 def mix_in(mixin: type, cls: type) -> type:
     """`cls` with `mixin` in front, under cls's name and qualname: both engines' expert weight loaders
@@ -350,6 +349,7 @@ def mix_in(mixin: type, cls: type) -> type:
     plugins assign it to an instance's __class__, so `mixin` derives from cls's base (the same instance
     layout)."""
     return type(cls)(cls.__name__, (mixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
 
 # --- activations: the scheme's input quantizer, fake-quantized in float32 ----------------------------
 

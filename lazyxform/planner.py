@@ -167,10 +167,12 @@ def _checked_as_exported(
 
 
 def _as_exported_rule(m: Module, recipe: Recipe) -> Rule:
-    """Every tensor the recipe reads, under its checkpoint name and unchanged; float scales checked
-    (finite, > 0) as a conversion checks them. What fused siblings share is checked by _checks_only."""
+    """Every tensor the recipe reads, under its checkpoint name and unchanged; the module's own float
+    scales checked (finite, > 0) as a conversion checks them. What fused siblings share (every module of
+    a recipe that shares anything is in a fused set, if only of one) is checked by _checks_only."""
     names = tuple(m.source(s) for s in recipe.reads)
-    scales = [m.source(s) for s in recipe.reads if s != "weight" and m.info(s).dtype.is_floating_point]
+    own = [s for s in recipe.reads if s != "weight" and s not in recipe.shared]
+    scales = [m.source(s) for s in own if m.info(s).dtype.is_floating_point]
 
     def fn(t: Tensors) -> dict[str, torch.Tensor]:
         for n in scales:
