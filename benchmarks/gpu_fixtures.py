@@ -19,8 +19,9 @@ vLLM's default MoE backend as probes with a short timeout (on an H200 it is Flas
 MoE, compiled at first use when no prebuilt FlashInfer kernels are installed), next to the main
 MoE runs on the Triton backend; for INT4 MoE fixtures a run on vLLM's bf16 emulation of the experts
 beside its default Marlin WNA16 MoE; for every MoE fixture its dense twin (no quantization, no
-lazyxform) as vLLM's own deviation from the reference on the architecture; and, with `--tp2 NAME...`, those fixtures at tensor parallel size 2,
-compared with their TP=1 run: the same greedy tokens, and logprobs within the reference's bf16 noise.
+lazyxform) as vLLM's own deviation from the reference on the architecture; for FP8-KV fixtures that
+vLLM loads natively, both routes on a copy whose k/v scales are bf16-exact (KV_BF16); and, with
+`--tp2 NAME...`, those fixtures at tensor parallel size 2, compared with their TP=1 run: the same greedy tokens, and logprobs within the reference's bf16 noise.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ EMULATED_MOE = {"moe_backend": "emulation"}
 # reference's formulas, pre_quant_scale multiplied in, written as a plain bf16 checkpoint), served by
 # vLLM alone: vLLM's own deviation from the reference on the architecture, no quantization involved.
 DENSE = "dense"
+# An FP8-KV fixture that vLLM loads natively, its k/v scales rounded to bf16 (kv_scales_bf16), on both
+# routes: vLLM's ModelOpt path holds k/v scales in bf16 parameters, lazyxform keeps ModelOpt's fp32
+# values, so on the fixtures as exported the two paths may differ; with bf16-exact scales they must not.
+KV_BF16 = "kv-scales-bf16"
 # Where vLLM 0.26 on an H200 (compute capability 9.0) computes another function than the one
 # tests/vllm/test_vllm_fixtures.py's CASES check on a CPU, in its own ModelOpt path and in
 # compressed-tensors' alike: modelopt_reference options replacing the case's, and the bound, for the
@@ -131,8 +136,18 @@ def moe_options(fixture: Path) -> dict[str, Any]:
     return MOE_TRITON if is_moe(fixture) and fp8 else {}
 
 
+def tests_on_path() -> None:
+    """The CPU tests' reference and cases, importable."""
+    for p in reversed(TESTS):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+
+
 def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float, tp2: list[str]) -> list[Run]:
     import lazyxform
+
+    tests_on_path()
+    from modelopt_reference import read_algos
 
     native = native_fixtures(fixtures, names)
     runs = [Run(n, "all", "tp2", {**moe_options(fixtures / n), "tensor_parallel_size": 2}, timeout_s=timeout_s) for n in tp2]
@@ -142,7 +157,9 @@ def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float
         runs += [Run(n, r, "triton-moe" if llm else "", llm, timeout_s=timeout_s) for r in routes]
         if n in READER_CHECKED:
             runs.append(Run(n, "all", "vllm-reader" + ("-triton-moe" if llm else ""), llm, {"LAZYXFORM_VLLM_READER": "off"}, timeout_s))
-        if llm:  # the default MoE backend too, as a probe
+        if n in native and read_algos(fixtures / n)[1] == "FP8":
+            runs += [Run(n, r, KV_BF16, llm, timeout_s=timeout_s) for r in routes]
+        if llm and probe_s > 0:  # the default MoE backend too, as a probe
             runs += [Run(n, r, "default-moe", timeout_s=probe_s) for r in routes]
         elif is_moe(fixtures / n) and lazyxform.read_modelopt_algos(fixtures / n) == {"W4A16_AWQ"}:
             # INT4 experts: vLLM's bf16 emulation of them beside its default WNA16 MoE (Marlin)
@@ -223,12 +240,40 @@ def record(run: Run, rc: int, wall: float, timed_out: bool, out: Path) -> dict:
     return found
 
 
+def kv_scales_bf16(ckpt: Path, dst: Path) -> Path:
+    """A copy of `ckpt` whose k_scale / v_scale values are rounded to bf16 (still stored as exported,
+    fp32): scales that both of vLLM's paths hold exactly. Made once; both routes' runs load it."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if dst.exists():
+        return dst
+    shutil.copytree(ckpt, dst)
+    for path in dst.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        for k, t in tensors.items():
+            if k.endswith((".k_scale", ".v_scale")):
+                tensors[k] = t.to(torch.bfloat16).to(t.dtype)
+        save_file(tensors, str(path), metadata=metadata)
+    return dst
+
+
+def model_dir(run: Run, fixtures: Path, out: Path) -> Path:
+    """The checkpoint a run serves, and the one its reference is computed from: the fixture, or for
+    KV_BF16 runs its copy (DENSE runs serve a twin of the fixture's own function)."""
+    return out / KV_BF16 / run.fixture if run.tag == KV_BF16 else fixtures / run.fixture
+
+
 def start(run: Run, model: Path, out: Path) -> subprocess.Popen:
     if run.tag == DENSE:
-        sys.path[:0] = [str(p) for p in TESTS]
+        tests_on_path()
         from modelopt_reference import dense_twin
 
         model = dense_twin(model, out / DENSE / run.fixture)
+    elif run.tag == KV_BF16:
+        model = kv_scales_bf16(model, out / KV_BF16 / run.fixture)
     request = out / f"{run.name}.request.json"
     request.write_text(json.dumps({"model": str(model), "route": run.route, "llm": run.llm, "env": run.env, "traceback_s": run.timeout_s - 10}))
     with open(out / f"{run.name}.log", "w") as log:
@@ -322,7 +367,7 @@ def worker(request_path: Path, result_path: Path) -> None:
     request = json.loads(request_path.read_text())
     faulthandler.dump_traceback_later(max(request["traceback_s"], 1), exit=False)
     os.environ.update({"LAZYXFORM_VLLM_ROUTE": request["route"], **request["env"]})
-    sys.path[:0] = [str(p) for p in TESTS]
+    tests_on_path()
     began = time.perf_counter()
     import torch
     from vllm import LLM, SamplingParams
@@ -355,7 +400,7 @@ def worker(request_path: Path, result_path: Path) -> None:
 
 
 def compare(out: Path, fixtures: Path) -> list[dict]:
-    sys.path[:0] = [str(p) for p in TESTS]
+    tests_on_path()
     import torch
     from modelopt_reference import deviation
     from test_vllm_fixtures import CASES
@@ -377,7 +422,7 @@ def compare(out: Path, fixtures: Path) -> list[dict]:
             kernels=got["kernels"],
             ready_s=round(got["ready_s"], 1),
         )
-        path, case = fixtures / run["fixture"], CASES[run["fixture"]]
+        path, case = model_dir(Run(run["fixture"], run["route"], run["tag"]), fixtures, out), CASES[run["fixture"]]
         cpu = deviation(path, got["ids"], got["logprobs"], case.reference, case.bound)
         if run["fixture"] in H200_CASES:
             row.update(deviation(path, got["ids"], got["logprobs"], *H200_CASES[run["fixture"]]))
@@ -474,7 +519,7 @@ def main() -> None:
     s.add_argument("--only", nargs="*", help="fixture names (default: all)")
     s.add_argument("--jobs", type=int, default=6, help="engines at once")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
-    s.add_argument("--probe-timeout", type=float, default=100.0, help="seconds per default-MoE-backend probe")
+    s.add_argument("--probe-timeout", type=float, default=100.0, help="seconds per default-MoE-backend probe (0: no probes)")
     s.add_argument("--tp2", nargs="*", default=[], help="fixtures also served at tensor parallel size 2 (two GPUs)")
     c = sub.add_parser("compare", help="anywhere: deviation from the reference, bounds, bit-for-bit twins")
     c.add_argument("out", type=Path)

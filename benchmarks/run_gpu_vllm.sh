@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs of issue 14 on the lent machine, once the CUDA vLLM kit is installed
 # (the workplace's gpu-vllm kit, outside this repository: benchmarks/README.md), from the repository root:
-#   [TP2="int4_awq nvfp4"] [TIMEOUT_S=200] bash benchmarks/run_gpu_vllm.sh fixtures FIXTURES_DIR   # every fixture through vLLM (gpu_fixtures.py serve); TP2: also at TP=2
+#   [TP2="int4_awq nvfp4"] [ONLY="fp8 nvfp4"] [TIMEOUT_S=200] [PROBE_S=100] bash benchmarks/run_gpu_vllm.sh fixtures FIXTURES_DIR   # every fixture (or ONLY those) through vLLM (gpu_fixtures.py serve); TP2: also at TP=2; PROBE_S=0: no default-MoE-backend probes
 #   [LOAD_ARGS="--formats nvfp4 --repeats 2"] bash benchmarks/run_gpu_vllm.sh load   # 8B-shaped load times (gpu_load.py)
 #   bash benchmarks/run_gpu_vllm.sh ct-copy FIXTURES_DIR NAME   # vLLM alone on a compressed-tensors copy of a fixture (lazyxform's
 #       stream written once, gpu_load.write_compressed_tensors; run-time pre_quant_scale left out): does vLLM's own path load and run those weights?
@@ -15,7 +15,7 @@ res=/tmp/res-$step
 mkdir -p "$res"
 { date -u; nvidia-smi; nproc; free -g; df -h /tmp; } >"$res/machine.txt" 2>&1
 case $step in
-  fixtures) timeout "${BUDGET_S:-420}" python3 benchmarks/gpu_fixtures.py serve --out "$res" --fixtures "$2" --tp2 ${TP2:-} --jobs 8 --timeout "${TIMEOUT_S:-200}" --probe-timeout 100 ;;
+  fixtures) timeout "${BUDGET_S:-420}" python3 benchmarks/gpu_fixtures.py serve --out "$res" --fixtures "$2" ${ONLY:+--only $ONLY} --tp2 ${TP2:-} --jobs 8 --timeout "${TIMEOUT_S:-200}" --probe-timeout "${PROBE_S:-100}" ;;
   load) timeout "${BUDGET_S:-540}" python3 benchmarks/gpu_load.py bench --data /tmp/lx-data --out "$res" --timeout 150 ${LOAD_ARGS:-} ;;
   ct-copy)
     python3 -c "import sys, shutil; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from gpu_load import write_compressed_tensors
