@@ -6,6 +6,8 @@
 #   bash benchmarks/run_gpu_vllm.sh ct-copy FIXTURES_DIR NAME   # vLLM alone on a compressed-tensors copy of a fixture (lazyxform's
 #       stream written once, gpu_load.write_compressed_tensors; run-time pre_quant_scale left out): does vLLM's own path load and run those weights?
 #   bash benchmarks/run_gpu_vllm.sh marlin-moe   # vLLM's Marlin WNA16 MoE against plain torch on random INT4 experts (gpu_marlin_moe.py; < 2 min)
+# The fixtures step's `vllm serve` runs need jmespath, which vLLM 0.26's API server imports and the kit lacks:
+#   here `pip download --no-deps jmespath -d .kit/extra`, carried; there `python3 -m pip install --no-index --no-deps --target /tmp/site .kit/extra/*.whl`.
 # Results: $OUT/<step>.tgz.part?? (split under the transfer's 16 MiB a file): cat them | tar xz.
 # BUDGET_S bounds the step so that its results come back inside one device call.
 set -uo pipefail
