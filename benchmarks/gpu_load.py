@@ -1,7 +1,7 @@
 """Load time of a real vLLM engine on 8B-shaped synthetic checkpoints: lazyxform against vLLM's own
 path for the same weights, every ratio within one run.
 
-    python benchmarks/gpu_load.py bench --data /tmp/lx-data --out DIR [--formats fp8 nvfp4 int4_awq] [--repeats 1] [--arms ARM...]
+    python benchmarks/gpu_load.py bench --data /tmp/lx-data --out DIR [--formats fp8 nvfp4 int4_awq] [--repeats 1] [--arms ARM...] [--cuda-graphs]
 
 Per format (make_checkpoint.py's Llama-3-8B shapes, written to --data if missing):
 * fp8, nvfp4: `native` (LAZYXFORM_VLLM_ROUTE=off: vLLM's ModelOpt path), `lazyxform` (route all,
@@ -16,7 +16,8 @@ Per format (make_checkpoint.py's Llama-3-8B shapes, written to --data if missing
   run-time pre_quant_scale, so that checkpoint leaves those tensors out (the modules lazyxform scales
   at run time are listed in the results); decode tokens/s at batch 1 and 32 for these three.
 
-Each engine runs in its own process (`worker`): `LLM(...)` with enforce_eager, no tokenizer. Recorded:
+Each engine runs in its own process (`worker`): `LLM(...)` with enforce_eager (`--cuda-graphs`: decode on
+CUDA graphs, CUDA_GRAPHS), no tokenizer. Recorded:
 import time, `LLM(...)` to ready, vLLM's model load (DefaultModelLoader.load_model: model init,
 weight stream, post-processing) and its weight stream alone (load_weights), peak GPU memory
 allocated during load_model, memory allocated after it. DIR/load.json and DIR/load.md.
@@ -49,7 +50,14 @@ NATIVE_MODELOPT = ("fp8", "nvfp4")
 BASELINES = ("native", "compressed-tensors")
 CONVERTED = "nvfp4_ct_converted"  # each format's arm that the others are ratios of
 DECODE_BATCHES = (1, 32)
+DECODE_REPEATS = 3  # timed generations per batch size; the median is recorded
 PROMPT_TOKENS = 32
+# `--cuda-graphs`: decode steps replayed as whole CUDA graphs (captured for the decode batch sizes
+# only, no torch.compile), so that tokens/s measure the kernels, not eager mode's host launches.
+CUDA_GRAPHS = {
+    "enforce_eager": False,
+    "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": list(DECODE_BATCHES)},
+}
 
 
 def arms(fmt: str, data: Path) -> list[tuple[str, Path, dict[str, str]]]:
@@ -134,10 +142,10 @@ def prepare(data: Path, formats: list[str]) -> dict[str, Any]:
     return made
 
 
-def run_arm(fmt: str, arm: str, ckpt: Path, env: dict[str, str], out: Path, timeout_s: float) -> dict[str, Any]:
+def run_arm(fmt: str, arm: str, ckpt: Path, env: dict[str, str], out: Path, timeout_s: float, llm_args: dict[str, Any]) -> dict[str, Any]:
     name = f"{fmt}-{arm}"
     result = out / f"{name}.json"
-    request = {"model": str(ckpt), "decode": fmt not in NATIVE_MODELOPT}
+    request = {"model": str(ckpt), "decode": fmt not in NATIVE_MODELOPT, "llm": llm_args}
     began = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
         try:
@@ -191,7 +199,7 @@ def worker(request_json: str, result_path: Path) -> None:
 
     DefaultModelLoader.load_model = timed_load_model
     DefaultModelLoader.load_weights = timed_load_weights
-    llm = LLM(model=request["model"], **LLM_ARGS)
+    llm = LLM(model=request["model"], **{**LLM_ARGS, **request["llm"]})
     ready = time.perf_counter()
     stats |= {"import_s": imported - began, "ready_s": ready - imported, "quantization": llm.llm_engine.vllm_config.model_config.quantization}
     if request["decode"]:
@@ -202,14 +210,16 @@ def worker(request_json: str, result_path: Path) -> None:
 
 def decode_rate(llm: Any, sampling_params: type, batch: int, tokens: int = 128) -> float:
     """Generated tokens per second for `batch` prompts of PROMPT_TOKENS tokens, `tokens` each, after a
-    short warm-up of the same batch."""
+    short warm-up of the same batch: the median of DECODE_REPEATS generations."""
     prompts = [{"prompt_token_ids": [1000 + 7 * i + j for j in range(PROMPT_TOKENS)]} for i in range(batch)]
     greedy = {"temperature": 0.0, "ignore_eos": True, "detokenize": False}
     llm.generate(prompts, sampling_params(max_tokens=4, **greedy), use_tqdm=False)
-    began = time.perf_counter()
-    outs = llm.generate(prompts, sampling_params(max_tokens=tokens, **greedy), use_tqdm=False)
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    return generated / (time.perf_counter() - began)
+    rates = []
+    for _ in range(DECODE_REPEATS):
+        began = time.perf_counter()
+        outs = llm.generate(prompts, sampling_params(max_tokens=tokens, **greedy), use_tqdm=False)
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - began))
+    return statistics.median(rates)
 
 
 def summarize(records: list[dict[str, Any]]) -> str:
@@ -261,6 +271,7 @@ def main() -> None:
     b.add_argument("--repeats", type=int, default=1, help="rounds; each later round runs the arms in reverse order")
     b.add_argument("--timeout", type=float, default=240.0, help="seconds per engine")
     b.add_argument("--arms", nargs="*", help="arms to run beside each format's baseline (default: all)")
+    b.add_argument("--cuda-graphs", action="store_true", help="every engine with CUDA_GRAPHS instead of eager mode")
     w = sub.add_parser("worker", help=argparse.SUPPRESS)
     w.add_argument("request")
     w.add_argument("result", type=Path)
@@ -275,15 +286,16 @@ def main() -> None:
     # engine first, kept out of the records.
     warm_fmt = args.formats[0]
     _, warm_ckpt, warm_env = arms(warm_fmt, args.data)[0]
-    warmup = run_arm(warm_fmt, "warmup", warm_ckpt, warm_env, args.out, args.timeout)
+    llm_args = CUDA_GRAPHS if args.cuda_graphs else {}
+    warmup = run_arm(warm_fmt, "warmup", warm_ckpt, warm_env, args.out, args.timeout, llm_args)
     records = []
     for fmt in args.formats:
         baseline, *others = arms(fmt, args.data)
         order = [baseline, *(a for a in others if args.arms is None or a[0] in args.arms)]
         for round_ in range(args.repeats):
             for arm, ckpt, env in order if round_ % 2 == 0 else order[::-1]:
-                records.append(run_arm(fmt, arm, ckpt, env, args.out, args.timeout))
-                (args.out / "load.json").write_text(json.dumps({"prepared": made, "warmup": warmup, "runs": records}, indent=2))
+                records.append(run_arm(fmt, arm, ckpt, env, args.out, args.timeout, llm_args))
+                (args.out / "load.json").write_text(json.dumps({"prepared": made, "llm_args": llm_args, "warmup": warmup, "runs": records}, indent=2))
     table = summarize(records) + peer_path(made.get(CONVERTED), records)
     (args.out / "load.md").write_text(table)
     print(table)
