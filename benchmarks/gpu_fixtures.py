@@ -556,7 +556,10 @@ def compare(out: Path, fixtures: Path) -> list[dict]:
 def twin_of(row: dict, names: set[str]) -> str:
     """The run whose logprobs this one must equal bit for bit: a native run's lazyxform twin, a
     vLLM-reader or multi-thread-loader run's lazyxform-reader twin; a `vllm serve` run's in-process run
-    of the path the plugin chose; a TP=2 run is compared with its TP=1 run (not bit for bit)."""
+    of the path the plugin chose; a TP=2 run is compared with its TP=1 run (not bit for bit); a dense
+    twin with nothing."""
+    if row["tag"] == DENSE:
+        return ""
     if row["tag"] == "tp2":
         return row["name"].replace("-tp2", "", 1)
     if row["tag"] == SERVED:
