@@ -1,5 +1,6 @@
-"""Every bundled ModelOpt fixture through CUDA vLLM, `LLM(model=...)` with no quantization argument,
-one engine per process, checked against the dense reference the CPU tests use.
+"""Every bundled ModelOpt fixture through CUDA vLLM, `LLM(model=...)` with no quantization argument
+(a few also through `vllm serve`), one engine per process, checked against the dense reference the
+CPU tests use.
 
 Two steps, so that the GPU does only what needs it:
 
@@ -14,14 +15,16 @@ bound policy of tests/vllm/test_vllm_fixtures.py (CASES) and writes DIR/table.md
 
 Runs: route `all` (lazyxform serves it) for every fixture; route `off` (vLLM's own ModelOpt path) for
 the fixtures vLLM loads natively, compared bit for bit with `all`; a few `all` runs with vLLM's own
-reader (LAZYXFORM_VLLM_READER=off), compared bit for bit with lazyxform's reader; and MoE runs with
+reader (LAZYXFORM_VLLM_READER=off) or its multi-thread loader, compared bit for bit with lazyxform's
+reader; a few through `vllm serve` (SERVED), compared with the in-process run; and MoE runs with
 vLLM's default MoE backend as probes with a short timeout (on an H200 it is FlashInfer's CUTLASS
 MoE, compiled at first use when no prebuilt FlashInfer kernels are installed), next to the main
 MoE runs on the Triton backend; for INT4 MoE fixtures a run on vLLM's bf16 emulation of the experts
 beside its default Marlin WNA16 MoE; for every MoE fixture its dense twin (no quantization, no
 lazyxform) as vLLM's own deviation from the reference on the architecture; for FP8-KV fixtures that
 vLLM loads natively, both routes on a copy whose k/v scales are bf16-exact (KV_BF16); and, with
-`--tp2 NAME...`, those fixtures at tensor parallel size 2, compared with their TP=1 run: the same greedy tokens, and logprobs within the reference's bf16 noise.
+`--tp2 NAME...`, those fixtures at tensor parallel size 2, compared with their TP=1 run: the same
+greedy tokens, and logprobs within the reference's bf16 noise.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ READER_CHECKED = ("fp8", "int4_awq", "nvfp4", "w4a8_awq", "qwen3moe_fp8")
 # compared bit for bit with the same fixture through lazyxform's reader.
 MULTITHREAD = {"model_loader_extra_config": {"enable_multithread_load": True, "num_threads": 8}}
 MULTITHREAD_CHECKED = ("int4_awq", "nvfp4")
-# `vllm serve MODEL` as a user types it: no route, vLLM's own processes (API server, engine core), the
+# `vllm serve MODEL` with no quantization flag and no route (the engine size flags of the other runs only), vLLM's own processes (API server, engine core), the
 # plugin found through its entry point in each; prompt logprobs and greedy tokens over HTTP. Compared
 # with the in-process run of the path the plugin chose (bit for bit where the batches match).
 SERVED = "vllm-serve"
@@ -174,7 +177,7 @@ def plan_runs(fixtures: Path, names: list[str], timeout_s: float, probe_s: float
             runs += [Run(n, r, KV_BF16, llm, timeout_s=timeout_s) for r in routes]
         if llm and probe_s > 0:  # the default MoE backend too, as a probe
             runs += [Run(n, r, "default-moe", timeout_s=probe_s) for r in routes]
-        elif is_moe(fixtures / n) and lazyxform.read_modelopt_algos(fixtures / n) == {"W4A16_AWQ"}:
+        if is_moe(fixtures / n) and lazyxform.read_modelopt_algos(fixtures / n) == {"W4A16_AWQ"}:
             # INT4 experts: vLLM's bf16 emulation of them beside its default WNA16 MoE (Marlin)
             runs.append(Run(n, "all", "emulation-moe", EMULATED_MOE, timeout_s=timeout_s))
         if is_moe(fixtures / n):
@@ -194,7 +197,7 @@ def serve(out: Path, fixtures: Path, names: list[str], jobs: int, timeout_s: flo
         (out / "runs.json").write_text(json.dumps(done, indent=2))
 
     run_processes(
-        plan_runs(fixtures, names, timeout_s, probe_s, tp2), jobs, lambda run: start(run, fixtures / run.fixture, out), lambda run: run.timeout_s, finished
+        plan_runs(fixtures, names, timeout_s, probe_s, tp2), jobs, lambda run: start(run, fixtures, out), lambda run: run.timeout_s, finished
     )
     return done
 
@@ -255,13 +258,11 @@ def record(run: Run, rc: int, wall: float, timed_out: bool, out: Path) -> dict:
 
 def kv_scales_bf16(ckpt: Path, dst: Path) -> Path:
     """A copy of `ckpt` whose k_scale / v_scale values are rounded to bf16 (still stored as exported,
-    fp32): scales that both of vLLM's paths hold exactly. Made once; both routes' runs load it."""
+    fp32): scales that both of vLLM's paths hold exactly."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    if dst.exists():
-        return dst
     shutil.copytree(ckpt, dst)
     for path in dst.glob("*.safetensors"):
         with safe_open(path, "pt") as f:
@@ -273,20 +274,39 @@ def kv_scales_bf16(ckpt: Path, dst: Path) -> Path:
     return dst
 
 
-def model_dir(run: Run, fixtures: Path, out: Path) -> Path:
-    """The checkpoint a run serves, and the one its reference is computed from: the fixture, or for
-    KV_BF16 runs its copy (DENSE runs serve a twin of the fixture's own function)."""
-    return out / KV_BF16 / run.fixture if run.tag == KV_BF16 else fixtures / run.fixture
+def made_once(dst: Path, make: Callable[[Path], Any]) -> Path:
+    """`dst`, made by `make` into a folder beside it and then renamed, unless it exists: a folder a
+    killed harness left half-written is never taken for a finished one."""
+    if not dst.exists():
+        partial = dst.with_name(dst.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        make(partial)
+        partial.rename(dst)
+    return dst
 
 
-def start(run: Run, model: Path, out: Path) -> subprocess.Popen:
+def served_checkpoint(run: Run, fixtures: Path, out: Path) -> Path:
+    """The checkpoint a run serves: its fixture, the fixture's dense twin (DENSE) or its copy with
+    bf16-exact k/v scales (KV_BF16); each made once per output folder, for the runs that share it."""
+    src = fixtures / run.fixture
     if run.tag == DENSE:
         tests_on_path()
         from modelopt_reference import dense_twin
 
-        model = dense_twin(model, out / DENSE / run.fixture)
-    elif run.tag == KV_BF16:
-        model = kv_scales_bf16(model, out / KV_BF16 / run.fixture)
+        return made_once(out / DENSE / run.fixture, lambda dst: dense_twin(src, dst))
+    if run.tag == KV_BF16:
+        return made_once(out / KV_BF16 / run.fixture, lambda dst: kv_scales_bf16(src, dst))
+    return src
+
+
+def reference_checkpoint(run: Run, fixtures: Path, out: Path) -> Path:
+    """The checkpoint a run's reference is computed from: what it serves (a KV_BF16 copy is made again
+    where the GPU's output folder lacks it), except a dense twin, which encodes its fixture's function."""
+    return fixtures / run.fixture if run.tag == DENSE else served_checkpoint(run, fixtures, out)
+
+
+def start(run: Run, fixtures: Path, out: Path) -> subprocess.Popen:
+    model = served_checkpoint(run, fixtures, out)
     request = out / f"{run.name}.request.json"
     log = out / f"{run.name}.log"
     request.write_text(json.dumps({"model": str(model), "route": run.route, "llm": run.llm, "env": run.env, "traceback_s": run.timeout_s - 10, "log": str(log), "serve": run.tag == SERVED}))
@@ -381,7 +401,9 @@ def worker(request_path: Path, result_path: Path) -> None:
     request = json.loads(request_path.read_text())
     faulthandler.dump_traceback_later(max(request["traceback_s"], 1), exit=False)
     os.environ.update(request["env"])
-    if request["route"] != "auto":  # auto: the plugin's default, nothing set
+    if request["route"] == "auto":  # the plugin's default: nothing set, not even by the caller
+        os.environ.pop("LAZYXFORM_VLLM_ROUTE", None)
+    else:
         os.environ["LAZYXFORM_VLLM_ROUTE"] = request["route"]
     tests_on_path()
     if request.get("serve"):
@@ -417,11 +439,16 @@ def worker(request_path: Path, result_path: Path) -> None:
 
 
 def cli_flags(args: dict[str, Any]) -> list[str]:
-    """LLM(...) keyword arguments as `vllm serve` flags."""
+    """LLM(...) keyword arguments as `vllm serve` flags (True: the bare flag; a dict: JSON)."""
     flags = []
     for key, value in args.items():
         flag = "--" + key.replace("_", "-")
-        flags += [flag] if value is True else [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, (dict, str, int, float)) and value is not False:
+            flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+        else:
+            raise ValueError(f"{key}={value!r}: no `vllm serve` flag written for this value")
     return flags
 
 
@@ -469,19 +496,21 @@ def serve_worker(request: dict, result_path: Path) -> None:
     command = [sys.executable, "-m", cli, "serve", request["model"], "--host", "127.0.0.1", "--port", str(port), *cli_flags(args)]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # vLLM's default
     began = time.perf_counter()
-    server = subprocess.Popen(command, env=env, stdout=sys.stdout, stderr=subprocess.STDOUT)
+    # A session of its own: stopping it stops its engine core too, which holds the GPU memory.
+    server = subprocess.Popen(command, env=env, stdout=sys.stdout, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_healthy(server, base, request["traceback_s"] - 60)
+        wait_healthy(server, base, max(request["traceback_s"] - 60, 10))
         ready = time.perf_counter()
         url, model = f"{base}/v1/completions", request["model"]
         scored = post(url, {"model": model, "prompt": PROMPTS, "max_tokens": 1, "temperature": 0, "prompt_logprobs": -1, "return_token_ids": True})
         greedy = post(url, {"model": model, "prompt": PROMPTS, "max_tokens": GREEDY_TOKENS, "temperature": 0, "return_token_ids": True})
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
     choices = sorted(scored["choices"], key=lambda c: c["index"])
     rows = [[position[str(t)]["logprob"] for t in range(VOCAB)] for c in choices for position in c["prompt_logprobs"][1:]]
     log = Path(request["log"]).read_text(errors="replace")
@@ -494,7 +523,7 @@ def serve_worker(request: dict, result_path: Path) -> None:
             "quantization": engine.group(1) if engine else None,
             "kv_cache_dtype": engine.group(2) if engine else None,
             "kernels": {"server log": sorted({line.split("] ", 1)[-1] for line in log.splitlines() if re.search(r"Using \S+ (for|kernel|backend)|lazyxform:", line)})},
-            "import_s": 0.0,
+            "import_s": None,  # the server's imports are inside its ready time
             "ready_s": ready - began,
         },
         result_path,
@@ -527,7 +556,7 @@ def compare(out: Path, fixtures: Path) -> list[dict]:
             kernels=got["kernels"],
             ready_s=round(got["ready_s"], 1),
         )
-        path, case = model_dir(Run(run["fixture"], run["route"], run["tag"]), fixtures, out), CASES[run["fixture"]]
+        path, case = reference_checkpoint(Run(run["fixture"], run["route"], run["tag"]), fixtures, out), CASES[run["fixture"]]
         cpu = deviation(path, got["ids"], got["logprobs"], case.reference, case.bound)
         if run["fixture"] in H200_CASES:
             row.update(deviation(path, got["ids"], got["logprobs"], *H200_CASES[run["fixture"]]))
@@ -562,14 +591,15 @@ def twin_of(row: dict, names: set[str]) -> str:
         return ""
     if row["tag"] == "tp2":
         return row["name"].replace("-tp2", "", 1)
-    if row["tag"] == SERVED:
-        route = "all" if row.get("quantization") == "lazyxform" else "off"
-        return next((n for n in (f"{row['fixture']}-{route}", f"{row['fixture']}-{route}-triton-moe") if n in names), "")
+    if row["tag"] == SERVED:  # the path the server's log names; none found, nothing to compare with
+        quantization = row.get("quantization") or ""
+        route = "all" if quantization == "lazyxform" else "off" if quantization.startswith("modelopt") else ""
+        return next((n for n in (f"{row['fixture']}-{route}", f"{row['fixture']}-{route}-triton-moe") if n in names), "") if route else ""
     if row["route"] == "off":
         return row["name"].replace("-off", "-all", 1)
-    for tag in ("-vllm-reader", "-multithread-load"):
-        if row["tag"].startswith(tag[1:]):
-            return row["name"].replace(tag, "", 1)
+    for reader in ("vllm-reader", "multithread-load"):  # another reader, compared with lazyxform's
+        if row["tag"].startswith(reader):
+            return row["name"].replace(f"-{reader}", "", 1)
     return ""
 
 

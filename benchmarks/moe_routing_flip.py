@@ -24,20 +24,26 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "vllm"), str(ROOT / "tests")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_fixtures import FIXTURES, H200_CASES, Run, reference_checkpoint, tests_on_path  # noqa: E402
 
-from gpu_fixtures import FIXTURES, H200_CASES, tests_on_path  # noqa: E402
+Reference = Any  # tests/vllm/modelopt_reference.Reference, importable once tests_on_path() ran
 
 
 def routers(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's MoE routers of the kind this script understands (sigmoid score + correction bias)."""
-    return {name: m for name, m in model.named_modules() if hasattr(m, "e_score_correction_bias") and hasattr(m, "top_k")}
+    """The model's MoE routers of the kind this script understands: sigmoid score + correction bias,
+    one expert group (with several, the best unchosen expert could sit in a group the router masked)."""
+    found = {name: m for name, m in model.named_modules() if hasattr(m, "e_score_correction_bias") and hasattr(m, "top_k")}
+    grouped = [name for name, m in found.items() if getattr(m, "num_group", 1) > 1]
+    if grouped:
+        sys.exit(f"{grouped[0]}: {found[grouped[0]].num_group} expert groups; this script handles one")
+    return found
 
 
 def scores_for_choice(router: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +53,7 @@ def scores_for_choice(router: nn.Module, hidden: torch.Tensor) -> tuple[torch.Te
     return scores, scores + router.e_score_correction_bias.float()
 
 
-def margins(ref, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+def margins(ref: Reference, ids: list[list[int]]) -> dict[str, torch.Tensor]:
     """Per router, [rows] margins over all prompts' positions (the rows of the run's logprobs)."""
     found: dict[str, list[torch.Tensor]] = {}
 
@@ -69,10 +75,11 @@ def margins(ref, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         for h in handles:
             h.remove()
     # logprobs row i of a prompt is position i's distribution; the last position has no row
+    assert all(len(ms) == len(ids) for ms in found.values()), "a router ran more than once per prompt"
     return {n: torch.cat([m[:-1] for m in ms]) for n, ms in found.items()}
 
 
-def forced_logprobs(ref, prompt: list[int], position: int, router_name: str) -> torch.Tensor:
+def forced_logprobs(ref: Reference, prompt: list[int], position: int, router_name: str) -> torch.Tensor:
     """The reference's logprobs for `prompt` with `router_name` choosing, at `position` only, its best
     unchosen expert instead of its last chosen one (weights recomputed as the router does)."""
     router = routers(ref.model)[router_name]
@@ -110,10 +117,10 @@ def main() -> None:
 
     run = next(r for r in json.loads((args.run_dir / "runs.json").read_text()) if r["name"] == args.name)
     fixture = run["fixture"]
+    ckpt = reference_checkpoint(Run(fixture, run["route"], run["tag"]), args.fixtures, args.run_dir)
     options = H200_CASES[fixture][0] if fixture in H200_CASES else CASES[fixture].reference
     got = torch.load(args.run_dir / f"{args.name}.pt", weights_only=False)
     ids, logprobs = got["ids"], got["logprobs"]
-    ckpt = args.fixtures / fixture
     ref = Reference(ckpt, **options)
     ref_bf16 = Reference(ckpt, **options, dtype=torch.bfloat16)
     want = torch.cat([ref.logprobs(p)[:-1] for p in ids])

@@ -1,6 +1,9 @@
-"""benchmarks/gpu_fixtures.py's CPU half: which runs a GPU lease serves and which run each is compared
-with bit for bit. A run paired with itself, or with the wrong path's run, would report "identical"
-for nothing; a missing twin would leave a claim unchecked. Both cost a GPU lease to find out there."""
+"""benchmarks/gpu_fixtures.py's CPU half: which runs a GPU lease serves, with which options, and which
+run each is compared with bit for bit. Checked here because CI has no GPU and a wrong plan costs a
+lease: an FP8 MoE model gets vLLM's Triton MoE backend whatever its config calls the expert count
+(DeepSeek's n_routed_experts was missed once, and vLLM compiled FlashInfer's MoE for minutes); a run
+paired with itself, or with the wrong path's run, would report "identical" for nothing; a missing twin
+would leave a claim unchecked."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -19,6 +23,35 @@ NAMES = ["deepseek_v3_nvfp4", "fp8", "fp8_kv_fp8", "int4_awq", "int8_sq", "nvfp4
 
 def planned(probe_s: float = 0.0) -> dict[str, harness.Run]:
     return {r.name: r for r in harness.plan_runs(harness.FIXTURES, NAMES, 300.0, probe_s, [])}
+
+
+def test_fp8_moe_runs_on_the_triton_backend_whatever_the_config_calls_its_experts() -> None:
+    runs = {r.name: r.llm for r in harness.plan_runs(harness.FIXTURES, ["deepseek_v3_fp8", "qwen3moe_fp8"], 300.0, 100.0, [])}
+    for name in ("deepseek_v3_fp8", "qwen3moe_fp8"):  # n_routed_experts, num_experts
+        assert runs[f"{name}-all-triton-moe"] == harness.MOE_TRITON
+        assert runs[f"{name}-off-triton-moe"] == harness.MOE_TRITON  # vLLM loads FP8 natively
+        assert f"{name}-all-default-moe" in runs  # the default backend only as a probe
+        assert runs[f"{name}-off-dense"] == harness.MOE_TRITON
+
+
+def test_int4_moe_runs_vllms_default_and_its_emulation_and_a_dense_twin() -> None:
+    runs = {r.name: r.llm for r in harness.plan_runs(harness.FIXTURES, ["qwen3moe_int4_awq"], 300.0, 100.0, [])}
+    assert runs == {
+        "qwen3moe_int4_awq-all": {},  # vLLM refuses the Triton backend for WNA16 MoE; no native path for INT4 AWQ
+        "qwen3moe_int4_awq-all-emulation-moe": harness.EMULATED_MOE,
+        "qwen3moe_int4_awq-off-dense": harness.MOE_TRITON,
+    }
+
+
+def test_dense_twin_is_served_from_a_plain_bf16_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """start() serves a dense run from modelopt_reference.dense_twin's copy, not the ModelOpt checkpoint."""
+    monkeypatch.setattr(harness.subprocess, "Popen", lambda *a, **k: None)
+    run = next(r for r in harness.plan_runs(harness.FIXTURES, ["qwen3moe_int4_awq"], 300.0, 0.0, []) if r.tag == harness.DENSE)
+    harness.start(run, harness.FIXTURES, tmp_path)
+    request = json.loads((tmp_path / f"{run.name}.request.json").read_text())
+    dense = tmp_path / harness.DENSE / run.fixture
+    assert request["model"] == str(dense) and not request["serve"]
+    assert not (dense / "hf_quant_config.json").exists() and (dense / "model.safetensors").exists()
 
 
 def test_runs_of_each_kind_where_they_belong() -> None:
@@ -68,7 +101,6 @@ def test_a_served_run_is_compared_with_the_path_the_plugin_took() -> None:
 def test_kv_scales_bf16_rounds_only_the_kv_scales(tmp_path: Path) -> None:
     src = harness.FIXTURES / "fp8_kv_fp8"
     dst = harness.kv_scales_bf16(src, tmp_path / "copy")
-    assert harness.kv_scales_bf16(src, dst) == dst  # made once; the other route's run loads the same copy
     assert {f.name for f in dst.iterdir()} == {f.name for f in src.iterdir()}
     with safe_open(src / "model.safetensors", "pt") as a, safe_open(dst / "model.safetensors", "pt") as b:
         assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
@@ -84,10 +116,25 @@ def test_kv_scales_bf16_rounds_only_the_kv_scales(tmp_path: Path) -> None:
     assert changed > 0  # the fixture's scales are not bf16 numbers: the copy is another checkpoint
 
 
-def test_reference_of_a_kv_run_is_its_copy(tmp_path: Path) -> None:
+def test_a_derived_checkpoint_is_made_once_and_whole(tmp_path: Path) -> None:
     kv = harness.Run("fp8_kv_fp8", "off", harness.KV_BF16)
-    assert harness.model_dir(kv, harness.FIXTURES, tmp_path) == tmp_path / harness.KV_BF16 / "fp8_kv_fp8"
-    assert harness.model_dir(harness.Run("fp8_kv_fp8", "off"), harness.FIXTURES, tmp_path) == harness.FIXTURES / "fp8_kv_fp8"
+    copy = tmp_path / harness.KV_BF16 / "fp8_kv_fp8"
+    (copy.parent / "fp8_kv_fp8.partial").mkdir(parents=True)  # what a killed harness leaves
+    assert harness.served_checkpoint(kv, harness.FIXTURES, tmp_path) == copy
+    made = (copy / "model.safetensors").stat().st_mtime_ns
+    # the other route's run, and compare's reference, take the same copy
+    assert harness.reference_checkpoint(harness.Run("fp8_kv_fp8", "all", harness.KV_BF16), harness.FIXTURES, tmp_path) == copy
+    assert (copy / "model.safetensors").stat().st_mtime_ns == made
+    assert not (copy.parent / "fp8_kv_fp8.partial").exists()
+    assert harness.served_checkpoint(harness.Run("fp8_kv_fp8", "off"), harness.FIXTURES, tmp_path) == harness.FIXTURES / "fp8_kv_fp8"
+    # a dense twin serves another checkpoint but encodes its fixture's function
+    dense = harness.Run("qwen3moe_fp8", "off", harness.DENSE)
+    assert harness.reference_checkpoint(dense, harness.FIXTURES, tmp_path) == harness.FIXTURES / "qwen3moe_fp8"
+
+
+def test_a_served_run_without_a_named_path_has_no_twin() -> None:
+    row = {"name": "fp8-auto-vllm-serve", "route": "auto", "tag": harness.SERVED, "fixture": "fp8", "quantization": None}
+    assert harness.twin_of(row, set(planned())) == ""
 
 
 def test_llm_arguments_become_vllm_serve_flags() -> None:
@@ -95,3 +142,15 @@ def test_llm_arguments_become_vllm_serve_flags() -> None:
     flags = harness.cli_flags(args)
     assert flags[:5] == ["--enforce-eager", "--max-logprobs", "-1", "--moe-backend", "triton"]
     assert flags[5] == "--model-loader-extra-config" and json.loads(flags[6]) == harness.MULTITHREAD["model_loader_extra_config"]
+    for unwritten in ({"enforce_eager": False}, {"cudagraph_capture_sizes": [1, 32]}):
+        with pytest.raises(ValueError, match="no `vllm serve` flag"):
+            harness.cli_flags(unwritten)
+
+
+def test_a_served_run_asks_its_worker_for_vllm_serve_with_no_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness.subprocess, "Popen", lambda *a, **k: None)
+    run = planned()[f"int4_awq-auto-{harness.SERVED}"]
+    harness.start(run, harness.FIXTURES, tmp_path)
+    request = json.loads((tmp_path / f"{run.name}.request.json").read_text())
+    assert request["serve"] and request["route"] == "auto" and request["env"] == {}
+    assert request["model"] == str(harness.FIXTURES / "int4_awq") and request["log"] == str(tmp_path / f"{run.name}.log")
