@@ -53,8 +53,9 @@ def scores_for_choice(router: nn.Module, hidden: torch.Tensor) -> tuple[torch.Te
     return scores, scores + router.e_score_correction_bias.float()
 
 
-def margins(ref: Reference, ids: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Per router, [rows] margins over all prompts' positions (the rows of the run's logprobs)."""
+def logprobs_and_margins(ref: Reference, ids: list[list[int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reference's logprobs, rows of all prompts stacked as the run's, and per router its margin at
+    each of those rows; one forward pass per prompt."""
     found: dict[str, list[torch.Tensor]] = {}
 
     def record(name: str):
@@ -69,14 +70,13 @@ def margins(ref: Reference, ids: list[list[int]]) -> dict[str, torch.Tensor]:
 
     handles = [r.register_forward_hook(record(n)) for n, r in routers(ref.model).items()]
     try:
-        for p in ids:
-            ref.logprobs(p)
+        # logprobs row i of a prompt is position i's distribution; the last position has no row
+        logprobs = torch.cat([ref.logprobs(p)[:-1] for p in ids])
     finally:
         for h in handles:
             h.remove()
-    # logprobs row i of a prompt is position i's distribution; the last position has no row
     assert all(len(ms) == len(ids) for ms in found.values()), "a router ran more than once per prompt"
-    return {n: torch.cat([m[:-1] for m in ms]) for n, ms in found.items()}
+    return logprobs, {n: torch.cat([m[:-1] for m in ms]) for n, ms in found.items()}
 
 
 def forced_logprobs(ref: Reference, prompt: list[int], position: int, router_name: str) -> torch.Tensor:
@@ -122,9 +122,9 @@ def main() -> None:
     got = torch.load(args.run_dir / f"{args.name}.pt", weights_only=False)
     ids, logprobs = got["ids"], got["logprobs"]
     ref = Reference(ckpt, **options)
-    ref_bf16 = Reference(ckpt, **options, dtype=torch.bfloat16)
-    want = torch.cat([ref.logprobs(p)[:-1] for p in ids])
-    noise = (torch.cat([ref_bf16.logprobs(p)[:-1] for p in ids]) - want).abs()
+    want, fp32 = logprobs_and_margins(ref, ids)
+    in_bf16, bf16 = logprobs_and_margins(Reference(ckpt, **options, dtype=torch.bfloat16), ids)
+    noise = (in_bf16 - want).abs()
     err = (logprobs - want).abs().max(dim=1).values
     row = int(err.argmax())
     rows_per_prompt = [len(p) - 1 for p in ids]
@@ -134,7 +134,6 @@ def main() -> None:
     print(f"1. largest deviation {err[row]:.4f} at row {row} (prompt {prompt}, position {position}); "
           f"largest elsewhere {err[torch.arange(len(err)) != row].max():.4f}; reference's bf16 noise max {noise.max():.4f}")
 
-    fp32, bf16 = margins(ref, ids), margins(ref_bf16, ids)
     if not fp32:
         sys.exit(f"{fixture}: no router with a correction bias; nothing to analyse")
     for name, m in fp32.items():
